@@ -1,0 +1,145 @@
+"""Checkpoints: one orbax `CheckpointManager` per workdir, for training and for inference.
+
+Layout: `<workdir>/checkpoints/<step>/` with the items
+  `state`  the train state as a pytree (step, params, ema_params, opt_state, rng key data, ...), or for an
+           inference-only checkpoint (e.g. converted released weights) just {step, params, ema_params};
+  `data`   the grain training-iterator state (absent from inference-only checkpoints).
+Orbax writes each step to a temporary directory and renames it when complete, so a run killed mid-save never
+leaves a half-written step that looks finished.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional, Sequence
+
+from absl import logging
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ddpm_jax.config_validation import UserError
+
+STATE_ITEM = 'state'
+DATA_ITEM = 'data'
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+  """No (readable) checkpoint where one was required."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """Directory holding the numbered step directories of `workdir`."""
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def create_manager(workdir: str, keep: Optional[int] = None, *, read_only: bool = False) -> ocp.CheckpointManager:
+  """An orbax `CheckpointManager` on `<workdir>/checkpoints` keeping the newest `keep` steps (None = all)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
+  # Read-only managers restore the `state` item without a target (partial, NumPy), which needs its handler named.
+  handlers = {STATE_ITEM: ocp.PyTreeCheckpointHandler()} if read_only else None
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
+
+
+def to_saveable(tree: Any) -> Any:
+  """Replaces typed PRNG keys by their raw uint32 data (orbax stores plain arrays)."""
+  def convert(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.key_data(x)
+    return x
+  return jax.tree.map(convert, tree)
+
+
+def from_saveable(tree: Any, like: Any) -> Any:
+  """Inverse of `to_saveable`: re-wraps key data wherever `like` holds a typed key."""
+  def convert(x, ref):
+    if isinstance(ref, jax.Array) and jax.dtypes.issubdtype(ref.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref))
+    return x
+  return jax.tree.map(convert, tree, like)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_save_args: Any = None,
+         *, force: bool = False) -> bool:
+  """Saves `state` (and the data iterator, when given) at `step`; asynchronous, call `wait` before exiting."""
+  items = {STATE_ITEM: ocp.args.StandardSave(to_saveable(state))}
+  if data_save_args is not None:
+    items[DATA_ITEM] = data_save_args
+  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore_latest(manager: ocp.CheckpointManager, target_state: Any,
+                   data_restore_args_fn: Optional[Callable[[], Any]] = None) -> tuple[Optional[int], Any]:
+  """Restores the newest readable checkpoint into the structure/shardings of `target_state`.
+
+  If the newest step cannot be read (truncated files, disk trouble), warns and falls back to the previous one, so a
+  crash during a save never costs more than one checkpoint interval. Returns (step, state) or (None, target_state)
+  when there is no checkpoint at all.
+  """
+  target = to_saveable(target_state)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  for step in sorted(manager.all_steps(), reverse=True):
+    items = {STATE_ITEM: ocp.args.StandardRestore(abstract)}
+    if data_restore_args_fn is not None:
+      items[DATA_ITEM] = data_restore_args_fn()
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('Checkpoint at step %d in %s is unreadable (%s: %s); falling back to the previous one.',
+                      step, manager.directory, type(e).__name__, str(e).splitlines()[0] if str(e) else '')
+      continue
+    return step, from_saveable(restored[STATE_ITEM], target_state)
+  return None, target_state
+
+
+def save_inference_checkpoint(workdir: str, step: int, params: Any, ema_params: Any) -> str:
+  """Writes an inference-only checkpoint ({step, params, ema_params}) that --mode=sample/eval can load."""
+  manager = create_manager(workdir)
+  tree = {'step': np.asarray(step, np.int64), 'params': params, 'ema_params': ema_params}
+  manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(tree)}), force=True)
+  manager.wait_until_finished()
+  manager.close()
+  return os.path.join(checkpoint_dir(workdir), str(step))
+
+
+def available_steps(workdir: str) -> Sequence[int]:
+  """Checkpointed steps of `workdir`, ascending (empty when there are none)."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return []
+  manager = create_manager(workdir, read_only=True)
+  steps = sorted(manager.all_steps())
+  manager.close()
+  return steps
+
+
+def restore_inference_params(workdir: str, step: Optional[int] = None) -> tuple[int, Any, Any]:
+  """Loads (step, params, ema_params) as NumPy pytrees from a training or inference checkpoint.
+
+  `step=None` picks the newest readable checkpoint (falling back past unreadable ones, as training does).
+  """
+  steps = available_steps(workdir)
+  if not steps:
+    raise CheckpointNotFoundError(f'no checkpoint in {checkpoint_dir(workdir)}: train first, or convert released '
+                                  'weights with `python -m ddpm_jax.convert`')
+  if step is not None and step not in steps:
+    raise CheckpointNotFoundError(f'no checkpoint for step {step} in {checkpoint_dir(workdir)}; available: {steps}')
+  manager = create_manager(workdir, read_only=True)
+  try:
+    for candidate in ([step] if step is not None else sorted(steps, reverse=True)):
+      try:
+        # Only the parameters are read: the optimizer state of a training checkpoint is never loaded.
+        metadata = manager.item_metadata(candidate)[STATE_ITEM]
+        wanted = {k: metadata[k] for k in ('params', 'ema_params')}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        restored = manager.restore(candidate, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True)}))
+      except Exception as e:  # pylint: disable=broad-except
+        if step is not None:
+          raise
+        logging.warning('Checkpoint at step %d is unreadable (%s); trying the previous one.', candidate, e)
+        continue
+      tree = restored[STATE_ITEM]
+      return int(candidate), tree['params'], tree['ema_params']
+  finally:
+    manager.close()
+  raise CheckpointNotFoundError(f'no readable checkpoint in {checkpoint_dir(workdir)}')

@@ -1,0 +1,190 @@
+"""Validation of a full config before anything is built or compiled.
+
+Every user error becomes one `ConfigError` line naming the field and what is allowed; `main.py` prints it without a
+traceback and exits non-zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import ml_collections
+
+DATASETS = ('cifar10', 'celeb_a', 'celeb_a_hq', 'lsun/church_outdoor', 'lsun/bedroom', 'lsun/cat', 'mnist',
+            'fashion_mnist', 'folder', 'mnist5k')
+SCHEDULES = ('linear', 'quad', 'const', 'jsd', 'warmup10', 'warmup50', 'cosine')
+MEAN_TYPES = ('eps', 'xstart', 'xprev', 'v')
+VAR_TYPES = ('fixedlarge', 'fixedsmall', 'learned', 'learned_range')
+LOSS_TYPES = ('mse', 'kl', 'hybrid', 'rescaled_mse', 'rescaled_kl')
+T_SAMPLING = ('uniform', 'importance')
+PARALLELISM = ('jit', 'pmap')
+DTYPES = ('float32', 'bfloat16')
+SAMPLE_METHODS = ('ancestral', 'ddim')
+GROUPNORM_GROUPS = 32
+
+
+class UserError(Exception):
+  """An error in what the user asked for (config, data, checkpoint): printed as one line, no traceback."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config field holds a value that is not allowed. The message is one line naming the field."""
+
+
+def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
+  if not ok:
+    raise ConfigError(f'config.{field}={value!r} is invalid: {allowed}')
+
+
+def _one_of(config: ml_collections.ConfigDict, field: str, choices: Iterable[str]) -> None:
+  value = _get(config, field)
+  choices = tuple(choices)
+  _require(value in choices, field, value, f'must be one of {list(choices)}')
+
+
+def _get(config: ml_collections.ConfigDict, field: str) -> Any:
+  node = config
+  for part in field.split('.'):
+    if part not in node:
+      raise ConfigError(f'config.{field} is missing (start dataset configs from configs/default.py)')
+    node = node[part]
+  return node
+
+
+def _positive_int(config, field: str) -> None:
+  value = _get(config, field)
+  _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, field, value,
+           'must be a positive integer')
+
+
+def _in_range(config, field: str, low: float, high: float, *, low_open=False, high_open=True) -> None:
+  value = _get(config, field)
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if ok:
+    ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+  interval = f'{"(" if low_open else "["}{low}, {high}{")" if high_open else "]"}'
+  _require(ok, field, value, f'must be a number in {interval}')
+
+
+def uses_learned_variance(config: ml_collections.ConfigDict) -> bool:
+  """Whether the network outputs 2C channels (log-variance or its interpolation) as well as the mean."""
+  return config.diffusion.var_type in ('learned', 'learned_range')
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
+  """Raises `ConfigError` for the first invalid field; `num_devices` = global device count for batch checks."""
+  # data
+  _one_of(config, 'data.dataset', DATASETS)
+  _positive_int(config, 'data.image_size')
+  _one_of(config, 'data.num_channels', (1, 3))
+  _require(isinstance(config.data.pad_to, int) and config.data.pad_to >= 0, 'data.pad_to', config.data.pad_to,
+           'must be 0 (no padding) or the padded image side')
+  if config.data.dataset == 'folder':
+    _require(bool(config.data.path), 'data.path', config.data.path,
+             "must name a directory of PNG/JPEG images when data.dataset='folder'")
+  _require(isinstance(config.data.num_workers, int) and config.data.num_workers >= 0, 'data.num_workers',
+           config.data.num_workers, 'must be an integer >= 0')
+
+  # model
+  _positive_int(config, 'model.ch')
+  ch_mult = tuple(config.model.ch_mult)
+  _require(len(ch_mult) > 0 and all(isinstance(m, int) and m > 0 for m in ch_mult), 'model.ch_mult',
+           config.model.ch_mult, 'must be a non-empty tuple of positive integers, e.g. (1, 2, 2, 2)')
+  _require(all(config.model.ch * m % GROUPNORM_GROUPS == 0 for m in ch_mult), 'model.ch', config.model.ch,
+           f'ch * every ch_mult must divide by {GROUPNORM_GROUPS} (GroupNorm groups)')
+  _positive_int(config, 'model.num_res_blocks')
+  _require(all(isinstance(r, int) and r > 0 for r in config.model.attn_resolutions), 'model.attn_resolutions',
+           config.model.attn_resolutions, 'must be a tuple of positive feature-map sizes, e.g. (16,)')
+  _in_range(config, 'model.dropout', 0.0, 1.0)
+  _one_of(config, 'model.dtype', DTYPES)
+  num_classes = config.model.num_classes
+  _require(isinstance(num_classes, int) and num_classes >= 0, 'model.num_classes', num_classes,
+           'must be 0 (unconditional) or the number of classes')
+  side = config.data.pad_to or config.data.image_size
+  levels = len(ch_mult) - 1
+  _require(side % (2 ** levels) == 0, 'data.image_size', side,
+           f'must divide by 2**(len(model.ch_mult) - 1) = {2 ** levels} for the U-Net to downsample')
+
+  # diffusion
+  _one_of(config, 'diffusion.schedule', SCHEDULES)
+  _positive_int(config, 'diffusion.num_timesteps')
+  _in_range(config, 'diffusion.beta_start', 0.0, 1.0, low_open=True)
+  _in_range(config, 'diffusion.beta_end', 0.0, 1.0, low_open=True)
+  _require(config.diffusion.beta_start <= config.diffusion.beta_end, 'diffusion.beta_start',
+           config.diffusion.beta_start, f'must be <= diffusion.beta_end ({config.diffusion.beta_end})')
+  _one_of(config, 'diffusion.mean_type', MEAN_TYPES)
+  _one_of(config, 'diffusion.var_type', VAR_TYPES)
+  _one_of(config, 'diffusion.loss_type', LOSS_TYPES)
+  _one_of(config, 'diffusion.t_sampling', T_SAMPLING)
+  _in_range(config, 'diffusion.hybrid_lambda', 0.0, float('inf'))
+  if config.model.learned_variance is not None:
+    _require(config.model.learned_variance == uses_learned_variance(config), 'model.learned_variance',
+             config.model.learned_variance,
+             f'must agree with diffusion.var_type={config.diffusion.var_type!r} (or leave it unset to derive it)')
+  if uses_learned_variance(config):
+    _require(config.diffusion.loss_type in ('kl', 'hybrid', 'rescaled_kl'), 'diffusion.loss_type',
+             config.diffusion.loss_type,
+             f"a learned variance (var_type={config.diffusion.var_type!r}) is only trained by 'kl', 'hybrid' or "
+             "'rescaled_kl'")
+
+  # training
+  _positive_int(config, 'training.batch_size')
+  if num_devices:
+    _require(config.training.batch_size % num_devices == 0, 'training.batch_size', config.training.batch_size,
+             f'must divide by the number of devices ({num_devices})')
+  for field in ('num_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'steps_per_call',
+                'max_consecutive_skips'):
+    _positive_int(config, f'training.{field}')
+  _require(isinstance(config.training.sample_every, int) and config.training.sample_every >= 0,
+           'training.sample_every', config.training.sample_every, 'must be an integer >= 0 (0 = never)')
+  _in_range(config, 'training.ema_decay', 0.0, 1.0)
+  _in_range(config, 'training.label_dropout', 0.0, 1.0)
+  spc = config.training.steps_per_call
+  for field in ('log_every', 'checkpoint_every', 'sample_every'):
+    value = config.training[field]
+    _require(value % spc == 0, f'training.{field}', value,
+             f'must be a multiple of training.steps_per_call ({spc})')
+  _one_of(config, 'training.parallelism', PARALLELISM)
+
+  # optim
+  _in_range(config, 'optim.lr', 0.0, float('inf'), low_open=True)
+  _require(isinstance(config.optim.warmup_steps, int) and config.optim.warmup_steps >= 0, 'optim.warmup_steps',
+           config.optim.warmup_steps, 'must be an integer >= 0')
+  _in_range(config, 'optim.grad_clip', 0.0, float('inf'))
+  _in_range(config, 'optim.b1', 0.0, 1.0)
+  _in_range(config, 'optim.b2', 0.0, 1.0)
+  _in_range(config, 'optim.eps', 0.0, float('inf'), low_open=True)
+  _in_range(config, 'optim.weight_decay', 0.0, float('inf'))
+
+  # sample
+  _one_of(config, 'sample.method', SAMPLE_METHODS)
+  _in_range(config, 'sample.eta', 0.0, float('inf'))
+  _positive_int(config, 'sample.num_samples')
+  _positive_int(config, 'sample.batch_size')
+  if num_devices:
+    _require(config.sample.batch_size % num_devices == 0, 'sample.batch_size', config.sample.batch_size,
+             f'must divide by the number of devices ({num_devices})')
+  _in_range(config, 'sample.guidance_scale', 0.0, float('inf'))
+  label = config.sample.class_label
+  if num_classes:
+    _require(isinstance(label, int) and -1 <= label < num_classes, 'sample.class_label', label,
+             f'must be -1 (every class) or a class in [0, {num_classes})')
+  else:
+    _require(config.sample.guidance_scale == 0.0, 'sample.guidance_scale', config.sample.guidance_scale,
+             'must be 0 for an unconditional model (model.num_classes=0)')
+  _validate_respacing(config)
+
+  # eval
+  _positive_int(config, 'eval.bpd_batch_size')
+  _positive_int(config, 'eval.num_samples')
+  _positive_int(config, 'eval.inception_batch_size')
+  _require(isinstance(config.eval.bpd_num_examples, int) and config.eval.bpd_num_examples >= 0,
+           'eval.bpd_num_examples', config.eval.bpd_num_examples, 'must be 0 (whole split) or a positive count')
+
+
+def _validate_respacing(config: ml_collections.ConfigDict) -> None:
+  from ddpm_jax import samplers  # pylint: disable=g-import-not-at-top
+  try:
+    samplers.space_timesteps(config.diffusion.num_timesteps, config.sample.respacing)
+  except ValueError as e:
+    raise ConfigError(f'config.sample.respacing={config.sample.respacing!r} is invalid: {e}') from None
