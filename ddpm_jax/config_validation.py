@@ -122,10 +122,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
              config.model.learned_variance,
              f'must agree with diffusion.var_type={config.diffusion.var_type!r} (or leave it unset to derive it)')
   if uses_learned_variance(config):
-    _require(config.diffusion.loss_type in ('kl', 'hybrid', 'rescaled_kl'), 'diffusion.loss_type',
-             config.diffusion.loss_type,
-             f"a learned variance (var_type={config.diffusion.var_type!r}) is only trained by 'kl', 'hybrid' or "
-             "'rescaled_kl'")
+    _require(config.diffusion.loss_type in ('kl', 'hybrid', 'rescaled_kl'), 'diffusion.var_type',
+             config.diffusion.var_type,
+             f"a learned variance is only trained by a loss with the bound (diffusion.loss_type 'kl', 'hybrid' or "
+             f"'rescaled_kl'), not {config.diffusion.loss_type!r}")
 
   # training
   _positive_int(config, 'training.batch_size')
@@ -161,9 +161,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   _in_range(config, 'sample.eta', 0.0, float('inf'))
   _positive_int(config, 'sample.num_samples')
   _positive_int(config, 'sample.batch_size')
-  if num_devices:
-    _require(config.sample.batch_size % num_devices == 0, 'sample.batch_size', config.sample.batch_size,
-             f'must divide by the number of devices ({num_devices})')
   _in_range(config, 'sample.guidance_scale', 0.0, float('inf'))
   label = config.sample.class_label
   if num_classes:
@@ -184,7 +181,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
 
 def _validate_respacing(config: ml_collections.ConfigDict) -> None:
   from ddpm_jax import samplers  # pylint: disable=g-import-not-at-top
+  if not config.sample.respacing:
+    return  # all T steps
   try:
     samplers.space_timesteps(config.diffusion.num_timesteps, config.sample.respacing)
   except ValueError as e:
-    raise ConfigError(f'config.sample.respacing={config.sample.respacing!r} is invalid: {e}') from None
+    message = str(e)
+    raise ConfigError(message if message.startswith('config.') else f'config.{message}') from None

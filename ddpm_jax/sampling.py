@@ -48,9 +48,10 @@ def make_sample_fn(config: ml_collections.ConfigDict, model, diffusion: diffusio
   """A jitted `(params, rng, labels) -> images in [-1, 1]` drawing `num` samples sharded over the mesh.
 
   The whole reverse chain is one compiled loop (samplers.sample); classifier-free guidance evaluates the
-  conditional and unconditional halves in one batched network call per step.
+  conditional and unconditional halves in one batched network call per step. `num` is rounded up to a multiple of
+  the device count; `generate` trims the extra samples.
   """
-  shape = (num,) + image_shape(config)
+  shape = (padded_count(num, mesh),) + image_shape(config)
   cfg = config.sample
 
   def sample(params, rng, labels):
@@ -70,12 +71,17 @@ def make_sample_fn(config: ml_collections.ConfigDict, model, diffusion: diffusio
                  out_shardings=sharding.batch_sharded(mesh))
 
 
-def generate(config, sample_fn, params, rng, labels: Optional[np.ndarray], mesh) -> np.ndarray:
-  """Runs `sample_fn` and returns uint8 images on the host (gathered from every process)."""
+def padded_count(num: int, mesh: jax.sharding.Mesh) -> int:
+  """`num` rounded up to a multiple of the number of devices, so any sample count shards evenly."""
+  return -(-num // mesh.size) * mesh.size
+
+
+def generate(sample_fn, params, rng, labels: Optional[np.ndarray], mesh, num: int) -> np.ndarray:
+  """Runs `sample_fn` and returns `num` uint8 images on the host (gathered from every process)."""
   if labels is not None:
-    labels = jax.device_put(jnp.asarray(labels), sharding.batch_sharded(mesh))
+    labels = jax.device_put(jnp.asarray(np.resize(labels, padded_count(num, mesh))), sharding.batch_sharded(mesh))
   samples = sample_fn(params, rng, labels)
-  return images_lib.to_uint8(sharding.to_host(samples))
+  return images_lib.to_uint8(sharding.to_host(samples))[:num]
 
 
 def sample_and_export(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -96,7 +102,7 @@ def sample_and_export(config: ml_collections.ConfigDict, workdir: str) -> str:
     labels = None
     if labels_all is not None:
       labels = np.resize(labels_all[i * batch:(i + 1) * batch], batch)  # last batch padded, trimmed below
-    chunks.append(generate(config, sample_fn, ema_params, jax.random.fold_in(base_rng, i), labels, mesh))
+    chunks.append(generate(sample_fn, ema_params, jax.random.fold_in(base_rng, i), labels, mesh, batch))
     logging.info('sampled batch %d/%d', i + 1, num_batches)
   samples = np.concatenate(chunks)[:config.sample.num_samples]
 

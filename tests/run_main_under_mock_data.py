@@ -1,0 +1,21 @@
+"""`python tests/run_main_under_mock_data.py <main.py flags>`: main.py with TFDS mock data (subprocess tests).
+
+Used to test what only a separate process can show: SIGKILL/SIGTERM handling and multi-process training.
+The device count comes from XLA_FLAGS set by the caller.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+import tensorflow_datasets as tfds
+
+import main as main_lib
+
+MOCK_EXAMPLES = 64
+
+if __name__ == '__main__':
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    app.run(main_lib.main)

@@ -1,0 +1,241 @@
+"""End-to-end training under TFDS mock data: resume, exact resume after SIGKILL, SIGTERM, NaN skipping,
+jit vs pmap, and two processes vs one."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import test as test_config
+from ddpm_jax import checkpointing
+from ddpm_jax import config_validation
+from ddpm_jax import input_pipeline
+from ddpm_jax import losses
+from ddpm_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNER = os.path.join(REPO, 'tests', 'run_main_under_mock_data.py')
+MOCK_EXAMPLES = 64
+
+
+@pytest.fixture(autouse=True)
+def mock_data():
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    yield
+
+
+def make_config(**training):
+  config = test_config.get_config()
+  for key, value in training.items():
+    config.training[key] = value
+  return config
+
+
+def assert_trees_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  """A 6-step run without interruption: the reference for resumed runs."""
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    workdir = tmp_path_factory.mktemp('uninterrupted')
+    state = train.train_and_evaluate(make_config(num_steps=6), str(workdir))
+  return jax.device_get(state)
+
+
+def test_resume_continues_without_retraining(tmp_path, uninterrupted, monkeypatch):
+  workdir = str(tmp_path)
+  first = train.train_and_evaluate(make_config(num_steps=4), workdir)
+  assert int(first.step) == 4
+  assert checkpointing.available_steps(workdir) == [2, 4]
+  assert os.path.exists(os.path.join(workdir, 'config.json'))
+
+  calls = []
+  original = train.Trainer.step
+  monkeypatch.setattr(train.Trainer, 'step', lambda self, b: calls.append(1) or original(self, b))
+  second = train.train_and_evaluate(make_config(num_steps=6), workdir)
+  assert int(second.step) == 6
+  assert len(calls) == 2  # steps 5 and 6 only: nothing before the checkpoint was retrained
+  assert checkpointing.available_steps(workdir) == [2, 4, 6]
+  # Resuming is exact: same params, EMA, optimizer state as the uninterrupted run.
+  assert_trees_equal(jax.device_get(second.params), uninterrupted.params)
+  assert_trees_equal(jax.device_get(second.ema_params), uninterrupted.ema_params)
+  assert_trees_equal(jax.device_get(second.opt_state), uninterrupted.opt_state)
+
+
+def _run_main(workdir, *overrides, devices=8, env_extra=None, **popen):
+  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', 'JAX_PLATFORMS': 'cpu',
+         **(env_extra or {})}
+  cmd = [sys.executable, RUNNER, '--config=configs/test.py', f'--workdir={workdir}', *overrides]
+  return subprocess.Popen(cmd, cwd=REPO, env=env, **popen)
+
+
+def _wait_for(predicate, proc, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if predicate():
+      return True
+    if proc.poll() is not None:
+      return False
+    time.sleep(0.05)
+  return False
+
+
+def test_sigkill_then_restart_is_bit_identical(tmp_path, uninterrupted):
+  workdir = str(tmp_path)
+  # Slow each step down slightly so the kill lands mid-run, after the first checkpoint.
+  proc = _run_main(workdir, '--config.training.num_steps=6', '--config.training.log_every=1',
+                   '--config.training.checkpoint_every=2', stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt = os.path.join(workdir, 'checkpoints', '2')
+  started = _wait_for(lambda: os.path.isdir(ckpt), proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert started, 'the run never wrote its first checkpoint'
+  steps_at_kill = checkpointing.available_steps(workdir)
+  assert steps_at_kill and steps_at_kill[0] == 2
+
+  proc = _run_main(workdir, '--config.training.num_steps=6', stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                   text=True)
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
+  step, params, ema = checkpointing.restore_inference_params(workdir)
+  assert step == 6
+  assert_trees_equal(params, uninterrupted.params)
+  assert_trees_equal(ema, uninterrupted.ema_params)
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+  workdir = str(tmp_path)
+  log = tmp_path / 'stderr.txt'
+  with open(log, 'w') as err:
+    proc = _run_main(workdir, '--config.training.num_steps=100000', '--config.training.log_every=1',
+                     '--config.training.checkpoint_every=50000', stdout=subprocess.DEVNULL, stderr=err)
+    training = _wait_for(lambda: re.search(r'\] .*loss=', log.read_text()) is not None, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+  assert training, log.read_text()[-3000:]
+  assert proc.returncode == 0, log.read_text()[-3000:]
+  steps = checkpointing.available_steps(workdir)
+  assert len(steps) == 1 and 0 < steps[0] < 50000
+
+
+def _fixed_batch(config):
+  it = input_pipeline.create_train_iterator(config)
+  return next(it)
+
+
+def test_loss_decreases_on_a_fixed_batch(tmp_path):
+  config = make_config()
+  trainer = train.Trainer(config, str(tmp_path))
+  batch = _fixed_batch(config)
+  rng = jax.random.key(123)
+  t = jax.random.randint(rng, (batch['image'].shape[0],), 0, config.diffusion.num_timesteps)
+  noise = jax.random.normal(jax.random.fold_in(rng, 1), batch['image'].shape)
+
+  def fixed_loss(params):
+    fn = lambda x, ts: trainer.model.apply({'params': params}, x, ts, train=False)
+    return float(jnp.mean(losses.training_losses(trainer.diffusion, fn, batch['image'], t, noise)['loss']))
+
+  before = fixed_loss(trainer.host_state().params)
+  stacked = jax.tree.map(lambda x: x[None], batch)
+  for _ in range(15):
+    trainer.step(stacked)
+  after = fixed_loss(trainer.host_state().params)
+  assert after < 0.8 * before, (before, after)
+
+
+def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
+  config = make_config(max_consecutive_skips=4, log_every=2, checkpoint_every=2, num_steps=20)
+  trainer = train.Trainer(config, str(tmp_path / 'unit'))
+  batch = jax.tree.map(lambda x: x[None], _fixed_batch(config))
+  before = jax.device_get(trainer.host_state().params)
+  bad = dict(batch, image=np.full_like(batch['image'], np.nan))
+  metrics = jax.device_get(trainer.step(bad))
+  assert int(metrics['skipped_updates'][-1]) == 1 and int(metrics['consecutive_skips'][-1]) == 1
+  assert int(trainer.host_state().step) == 1  # the step counter moves on, the params do not
+  assert_trees_equal(jax.device_get(trainer.host_state().params), before)
+  metrics = jax.device_get(trainer.step(batch))
+  assert int(metrics['consecutive_skips'][-1]) == 0 and int(metrics['skipped_updates'][-1]) == 1
+
+  def nan_iterator(cfg, **kwargs):
+    it = original(cfg, **kwargs)
+    return _NaNImages(it)
+  original = input_pipeline.create_train_iterator
+  monkeypatch.setattr(input_pipeline, 'create_train_iterator', nan_iterator)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(train.TrainingDivergedError, match='consecutive non-finite'):
+    train.train_and_evaluate(config, workdir)
+  assert checkpointing.available_steps(workdir) == [2]  # saved before the skips reached the limit
+  _, params, ema = checkpointing.restore_inference_params(workdir)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves((params, ema)))
+
+
+class _NaNImages:
+  """Wraps a train iterator; batches from the 3rd on are NaN (the first two keep a finite checkpoint possible)."""
+
+  def __init__(self, it):
+    self._it, self._n = it, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._it)
+    self._n += 1
+    return batch if self._n <= 2 else dict(batch, image=np.full_like(batch['image'], np.nan))
+
+  def __getattr__(self, name):
+    return getattr(self._it, name)
+
+
+def test_conditional_config_on_unlabelled_data_fails_fast(tmp_path):
+  config = make_config()
+  config.data.dataset = 'celeb_a'
+  config.model.num_classes = 10
+  with pytest.raises(config_validation.ConfigError, match='config.model.num_classes'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def _final_params(workdir):
+  step, params, _ = checkpointing.restore_inference_params(workdir)
+  assert step == 4
+  return params
+
+
+def test_jit_pmap_and_two_processes_agree(tmp_path):
+  """One process × 4 devices under jit and under pmap, and two processes × 2 devices (jax.distributed over CPU
+  collectives), train the test config to the same parameters."""
+  common = ['--config.training.num_steps=4', '--config.training.checkpoint_every=4']
+  runs = {}
+  for mode in ('jit', 'pmap'):
+    workdir = str(tmp_path / mode)
+    proc = _run_main(workdir, *common, f'--config.training.parallelism={mode}', devices=4,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    runs[mode] = _final_params(workdir)
+
+  port = 20000 + os.getpid() % 20000
+  workdir = str(tmp_path / 'multihost')
+  procs = [_run_main(workdir, *common, f'--coordinator_address=localhost:{port}', '--num_processes=2',
+                     f'--process_id={i}', devices=2, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  for proc in procs:
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+  runs['multihost'] = _final_params(workdir)
+
+  reference = jax.tree.leaves(runs['jit'])
+  for name in ('pmap', 'multihost'):
+    for a, b in zip(reference, jax.tree.leaves(runs[name]), strict=True):
+      np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=name)
