@@ -31,8 +31,9 @@ def main(argv):
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed or FLAGS.coordinator_address:
-    if jax.default_backend() == 'cpu' or FLAGS.coordinator_address:
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    # Cross-process collectives on CPU devices need gloo; the setting does not affect accelerators. Nothing may
+    # touch the backend before initialize().
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from ddpm_jax import config_validation  # pylint: disable=g-import-not-at-top
   from ddpm_jax import run  # pylint: disable=g-import-not-at-top

@@ -93,7 +93,7 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
   if not size:
     return np.array(storage[storage_offset])
   view = np.lib.stride_tricks.as_strided(storage[storage_offset:], shape=size, strides=[s * item for s in stride])
-  return np.array(view)  # an owned, C-contiguous copy
+  return np.array(view, order='C')  # an owned, C-contiguous copy
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *unused):
@@ -269,9 +269,7 @@ def model_overrides_from_diffusers(unet_config: Mapping[str, Any],
       'resamp_with_conv': True,
       'learned_variance': learned,
       'num_classes': 0,
-  }
-  if 'dropout' in unet_config:
-    model['dropout'] = float(unet_config['dropout'])
+  }  # dropout is a training setting, not part of the network: the base config keeps its own
   overrides = {'model': model, 'data': {'image_size': sample_size, 'num_channels': in_ch}, 'diffusion': {}}
 
   sched = dict(scheduler_config or {})
@@ -315,7 +313,7 @@ def model_from_overrides(overrides: Mapping[str, Mapping[str, Any]]):
   m, d = overrides['model'], overrides['data']
   return models.UNet(ch=m['ch'], out_ch=d['num_channels'] * (2 if m['learned_variance'] else 1),
                      ch_mult=tuple(m['ch_mult']), num_res_blocks=m['num_res_blocks'],
-                     attn_resolutions=tuple(m['attn_resolutions']), dropout=float(m.get('dropout', 0.0)),
+                     attn_resolutions=tuple(m['attn_resolutions']), dropout=0.0,
                      resamp_with_conv=m['resamp_with_conv'], image_size=d['image_size'], in_ch=d['num_channels'],
                      num_classes=m['num_classes'])
 
@@ -557,7 +555,7 @@ def main(argv: Optional[list] = None) -> int:
                       help='config file supplying dataset/sampling/eval settings (default: configs/default.py)')
   parser.add_argument('--step', type=int, default=0, help='step number to store the weights under (default 0)')
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format='%(message)s')
+  logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
   try:
     base = _load_config_file(args.config) if args.config else None
     config = convert_checkpoint(args.checkpoint, args.out, args.step, base)

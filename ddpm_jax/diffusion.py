@@ -137,7 +137,7 @@ def make_diffusion(betas: np.ndarray, *, mean_type: str = 'eps', var_type: str =
       (alpha-weighted velocity sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0).
     var_type: fixedlarge (beta_t), fixedsmall (beta~_t), learned (network outputs log-variance), learned_range
       (network outputs v in [-1, 1], log-variance = v' log beta_t + (1 - v') log beta~_t with v' = (v + 1) / 2;
-      Nichol & Dhariwal 2021, eq. 15).
+      Nichol & Dhariwal 2021, Sec. 3.1).
     loss_type, hybrid_lambda, t_sampling: see `ddpm_jax.losses`.
     dtype: float32 (default) or float64 (requires `jax.enable_x64`).
     timestep_map: original timestep index of every step (respaced processes); identity by default.
@@ -286,7 +286,7 @@ def p_mean_variance(diffusion: Diffusion, model_output: Array, x_t: Array, t: Ar
   if diffusion.var_type == 'learned':
     log_variance = var_output
   elif diffusion.var_type == 'learned_range':
-    # Nichol & Dhariwal 2021, eq. 15: interpolate in log space between beta~_t (min) and beta_t (max).
+    # Nichol & Dhariwal 2021, Sec. 3.1: interpolate in log space between beta~_t (min) and beta_t (max).
     frac = (var_output + 1.0) / 2.0
     log_variance = (frac * extract(diffusion.log_betas, t, x_t)
                     + (1.0 - frac) * extract(diffusion.posterior_log_variance_clipped, t, x_t))

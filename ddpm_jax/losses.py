@@ -4,87 +4,40 @@ Losses (per example, mean over all non-batch dimensions):
   mse           L_simple, Ho et al. 2020 eq. 14: ||target - network output||^2 (target eps, x_0, mu~ or v).
   kl            the variational bound term L_{t-1} (eq. 5) in bits/dim: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))
                 for t > 0 and the discretised Gaussian decoder NLL -log p(x_0|x_1) (Sec. 3.3) at t = 0.
-  hybrid        L_simple + lambda * L_vlb (Nichol & Dhariwal 2021, eq. 16), L_vlb estimated as T * L_{t-1} with a
+  hybrid        L_simple + lambda * L_vlb (Nichol & Dhariwal 2021, Sec. 3.1), L_vlb estimated as T * L_{t-1} with a
                 stop-gradient on the mean, so the bound trains only the variance. lambda = `hybrid_lambda`.
   rescaled_mse  as improved-diffusion: L_simple, plus the stop-gradient bound term * T / 1000 when the variance
-                is learned (with lambda = 0.001 this is `hybrid`).
+                is learned (for a learned variance the same objective as `hybrid` with lambda = 0.001).
   rescaled_kl   the bound term * T (a one-sample estimate of the whole bound L_vlb).
 With a learned variance, `mse` adds the stop-gradient bound term with weight 1 (improved-diffusion's MSE), so the
 variance channels are trained; with fixed variances `mse` is exactly L_simple.
 
 Timestep sampling: `uniform`, or `importance` (improved-diffusion's loss-second-moment resampler, Nichol &
-Dhariwal 2021 eq. 18: p_t proportional to sqrt(E[L_t^2]) over the last 10 losses of each t, uniform until every t
+Dhariwal 2021 Sec. 3.3: p_t proportional to sqrt(E[L_t^2]) over the last 10 losses of each t, uniform until every t
 has 10, mixed with 1e-3 uniform); weights 1 / (T p_t) keep the objective unbiased. The sampler state is a pytree
 that is updated inside the jitted train step with the global batch's t and (unweighted) losses.
+
+`normal_kl`, `discretized_gaussian_log_likelihood` and `vb_terms_bpd` are defined in `ddpm_jax.likelihood` and
+re-exported here.
 """
 
-import math
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import log_ndtr
 
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax.diffusion import Diffusion, mean_flat
+# The bound's terms live with the likelihood; re-exported here, where the training objectives use them.
+from ddpm_jax.likelihood import (  # pylint: disable=unused-import
+    LOG2, discretized_gaussian_log_likelihood, normal_kl, vb_terms_bpd)
 
 Array = jax.Array
 ModelFn = Callable[[Array, Array], Array]
 
-LOG2 = math.log(2.0)
 HISTORY_PER_TERM = 10
 UNIFORM_PROB = 1e-3
-
-
-def normal_kl(mean1: Array, logvar1: Array, mean2: Array, logvar2: Array) -> Array:
-  """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats (the Gaussian KLs of eq. 5)."""
-  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
-                + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
-
-
-def _log_normal_mass(lower: Array, upper: Array) -> Array:
-  """log(Phi(upper) - Phi(lower)) for lower < upper, accurate in both tails.
-
-  Computed on the side of 0 where the interval's mass lies in a lower tail (mirroring by Phi(-x) = 1 - Phi(x)),
-  as log Phi(b) + log(1 - exp(log Phi(a) - log Phi(b))), so no difference of two numbers close to 1 is formed.
-  """
-  mirror = (lower + upper) > 0
-  a = jnp.where(mirror, -upper, lower)
-  b = jnp.where(mirror, -lower, upper)
-  log_b = log_ndtr(b)
-  log_a = log_ndtr(a)
-  return log_b + jnp.log(jnp.maximum(-jnp.expm1(log_a - log_b), 1e-12))
-
-
-def discretized_gaussian_log_likelihood(x: Array, means: Array, log_scales: Array) -> Array:
-  """log p(x_0 | x_1) of the discretised Gaussian decoder (Ho et al. 2020, eq. 13), elementwise, in nats.
-
-  x holds data scaled to [-1, 1] on the 256-level grid (x = 2 k / 255 - 1). Each level owns the bin
-  [x - 1/255, x + 1/255] of width 2/255; the edge bins are open: (-inf, -1 + 1/255] and [1 - 1/255, inf). The
-  probabilities of the 256 bins therefore sum to 1. Uses the exact normal CDF (the reference code uses a tanh
-  approximation of it).
-  """
-  centered = x - means
-  inv_stdv = jnp.exp(-log_scales)
-  plus_in = inv_stdv * (centered + 1.0 / 255.0)
-  min_in = inv_stdv * (centered - 1.0 / 255.0)
-  log_cdf_plus = log_ndtr(plus_in)  # lowest bin: log Phi(upper edge)
-  log_one_minus_cdf_min = log_ndtr(-min_in)  # highest bin: log(1 - Phi(lower edge))
-  log_mid = _log_normal_mass(min_in, plus_in)
-  return jnp.where(x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_mid))
-
-
-def vb_terms_bpd(diffusion: Diffusion, model_output: Array, x_start: Array, x_t: Array, t: Array,
-                 clip_denoised: bool = False) -> Dict[str, Array]:
-  """The bound term L_{t-1} of eq. 5 in bits/dim, (B,): KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0 and
-  the decoder NLL -log p(x_0|x_1) (eq. 13) at t = 0. Also returns 'pred_xstart' and the p_mean_variance dict."""
-  true_mean, _, true_log_variance = diffusion_lib.q_posterior_mean_variance(diffusion, x_start, x_t, t)
-  out = diffusion_lib.p_mean_variance(diffusion, model_output, x_t, t, clip_denoised=clip_denoised)
-  kl = mean_flat(normal_kl(true_mean, true_log_variance, out['mean'], out['log_variance'])) / LOG2
-  decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(x_start, out['mean'], 0.5 * out['log_variance']))
-  decoder_nll = decoder_nll / LOG2
-  return dict(output=jnp.where(t == 0, decoder_nll, kl), pred_xstart=out['pred_xstart'], p_mean_var=out)
 
 
 def mean_target(diffusion: Diffusion, x_start: Array, x_t: Array, t: Array, noise: Array) -> Array:
@@ -169,7 +122,7 @@ def init_timestep_sampler(diffusion: Diffusion) -> TimestepSamplerState:
 
 def timestep_probabilities(diffusion: Diffusion, state: TimestepSamplerState) -> Array:
   """p_t of the importance sampler: uniform until every t has 10 losses, then proportional to sqrt(mean(L_t^2))
-  over the history, mixed (1 - 1e-3) : 1e-3 with the uniform distribution (Nichol & Dhariwal 2021, eq. 18)."""
+  over the history, mixed (1 - 1e-3) : 1e-3 with the uniform distribution (Nichol & Dhariwal 2021, Sec. 3.3)."""
   num_timesteps = diffusion.num_timesteps
   uniform = jnp.full((num_timesteps,), 1.0 / num_timesteps, jnp.float32)
   if diffusion.t_sampling == 'uniform':

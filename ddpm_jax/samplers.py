@@ -38,10 +38,11 @@ def _bad_respacing(respacing: Any, num_timesteps: int, why: str) -> ValueError:
 def space_timesteps(num_timesteps: int, respacing: Union[str, Sequence[int]]) -> List[int]:
   """The sorted original timesteps kept by a respacing (improved-diffusion's space_timesteps semantics).
 
-  'ddimN': the timesteps 0, s, 2s, ... of the smallest integer stride s that gives exactly N of them. Otherwise
+  'ddimN': the timesteps 0, s, 2s, ... of the smallest stride s in 1..T-1 that gives exactly N of them. Otherwise
   comma-separated counts: the T steps are cut into len(counts) equal sections (the first T mod len(counts) one step
   longer) and count_i steps are taken from section i at evenly spaced, rounded fractional positions, including both
-  ends of the section. '250' on T = 1000 therefore keeps 0, 4.004.., ..., 999 rounded.
+  ends of the section (positions are a running float sum of the stride, rounded, as the reference code). '250' on
+  T = 1000 therefore keeps 0, 4, 8, 12, 16, ..., 995, 999 (stride 999 / 249).
   """
   spec = respacing
   if isinstance(spec, str) and spec.startswith('ddim'):
@@ -49,7 +50,7 @@ def space_timesteps(num_timesteps: int, respacing: Union[str, Sequence[int]]) ->
       desired = int(spec[len('ddim'):])
     except ValueError:
       raise _bad_respacing(respacing, num_timesteps, 'not an integer after ddim') from None
-    for stride in range(1, num_timesteps + 1):
+    for stride in range(1, num_timesteps):  # as improved-diffusion: strides 1 .. T-1
       if len(range(0, num_timesteps, stride)) == desired:
         return list(range(0, num_timesteps, stride))
     raise _bad_respacing(respacing, num_timesteps, f'no integer stride gives exactly {desired} steps')

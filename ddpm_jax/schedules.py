@@ -3,7 +3,7 @@
 Ho et al. 2020, eq. 2: the forward process adds Gaussian noise with variances beta_1 < ... < beta_T. The paper uses
 the `linear` schedule (1e-4 -> 0.02, T = 1000, App. B); `quad`, `const`, `jsd`, `warmup10` and `warmup50` are the
 other schedules of the released code (diffusion_utils_2.get_beta_schedule); `cosine` is Nichol & Dhariwal 2021,
-eq. 17, alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) * pi / 2) with s = 0.008 and every beta clipped at 0.999.
+Sec. 3.2: alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) * pi / 2) with s = 0.008 and every beta clipped at 0.999.
 
 Every schedule is computed in float64 (the derived constants of `ddpm_jax.diffusion` divide by 1 - alpha_bar_t,
 which is ~1e-4 at t = 1) and returned as a NumPy array; casting happens once, in `diffusion.make_diffusion`.
@@ -32,7 +32,7 @@ def _warmup_betas(beta_start: float, beta_end: float, num_timesteps: int, warmup
 
 def betas_for_alpha_bar(num_timesteps: int, alpha_bar: Callable[[float], float],
                         max_beta: float = MAX_BETA) -> np.ndarray:
-  """Discretises a continuous alpha_bar(s), s in [0, 1], into betas (Nichol & Dhariwal 2021, eq. 17).
+  """Discretises a continuous alpha_bar(s), s in [0, 1], into betas (Nichol & Dhariwal 2021, Sec. 3.2).
 
   beta_t = 1 - alpha_bar((t + 1) / T) / alpha_bar(t / T) for t = 0..T-1, clipped at `max_beta`, so that the
   cumulative product of (1 - beta) follows alpha_bar at the grid points.
@@ -50,7 +50,7 @@ def get_betas(name: str, num_timesteps: int, beta_start: float = 1e-4, beta_end:
               cosine_s: float = COSINE_S, max_beta: float = MAX_BETA) -> np.ndarray:
   """The betas beta_1..beta_T (index t-1 holds beta_t) of a named schedule, float64 of shape (T,).
 
-  Ho et al. 2020, eq. 2 and App. B (linear 1e-4 -> 0.02); Nichol & Dhariwal 2021, eq. 17 (cosine).
+  Ho et al. 2020, eq. 2 and App. B (linear 1e-4 -> 0.02); Nichol & Dhariwal 2021, Sec. 3.2 (cosine).
 
   Args:
     name: one of `SCHEDULES`.

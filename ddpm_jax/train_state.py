@@ -32,7 +32,7 @@ class TrainState:
   ema_params: Any          # Exponential moving average of params, used for sampling and evaluation.
   opt_state: Any           # optax.apply_if_finite(clip + Adam) state; counts skipped (non-finite) updates.
   rng: jax.Array           # Typed key of the training stream; step keys are fold_in(rng, step).
-  t_sampler: Any           # Timestep-sampler state (loss history for importance sampling).
+  t_sampler: Any           # Loss history for importance sampling of t; None for uniform sampling.
 
 
 STREAMS = ('params', 'train', 'sample')
@@ -70,9 +70,10 @@ def skip_counts(opt_state: Any) -> tuple[jax.Array, jax.Array]:
 def create_train_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.Array,
                        diffusion: diffusion_lib.Diffusion) -> TrainState:
   """A fresh state at step 0 with EMA params equal to the initial params."""
+  # Uniform sampling keeps no state (orbax cannot store the empty history it would have).
+  t_sampler = losses.init_timestep_sampler(diffusion) if diffusion.t_sampling == 'importance' else None
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=optimizer.init(params), rng=rng,
-                    t_sampler=losses.init_timestep_sampler(diffusion))
+                    opt_state=optimizer.init(params), rng=rng, t_sampler=t_sampler)
 
 
 def _global_slice(x: jax.Array, axis_name: Optional[str], local_batch: int) -> jax.Array:

@@ -1,6 +1,6 @@
 """An independent float64 NumPy implementation of the DDPM equations, the oracle of the diffusion tests.
 
-Written from the papers' equations (Ho et al. 2020 eqs. 1-14; Nichol & Dhariwal 2021 eqs. 15-18; Song et al. 2021
+Written from the papers' equations (Ho et al. 2020 eqs. 1-14; Nichol & Dhariwal 2021 Sec. 3; Song et al. 2021
 eqs. 12, 16) and the reference code's documented semantics, WITHOUT importing anything from ddpm_jax. Where the
 library uses a numerically careful form, this file deliberately uses the textbook one (cumprod, 1 - x, CDF
 differences through scipy's cdf/sf), so the two do not share mistakes. Timestep indices are 0-based: index t is the
@@ -208,7 +208,7 @@ def space_timesteps(T, spec):
   'a,b,c' = equal sections (remainder to the first ones), count_i rounded evenly spaced points in each."""
   if spec.startswith('ddim'):
     n = int(spec[4:])
-    s = next(s for s in range(1, T + 1) if math.ceil(T / s) == n)
+    s = next(s for s in range(1, T) if math.ceil(T / s) == n)
     return list(range(0, T, s))
   counts = [int(c) for c in spec.split(',')]
   k = len(counts)

@@ -34,7 +34,7 @@ def test_paper_linear_schedule_endpoints_and_custom_range():
 
 
 def test_cosine_alpha_bar_follows_closed_form():
-  # Nichol & Dhariwal 2021, eq. 17: alpha_bar_t = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi / 2).
+  # Nichol & Dhariwal 2021, Sec. 3.2: alpha_bar_t = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi / 2).
   num_timesteps = 100
   alpha_bar = np.cumprod(1 - schedules.get_betas('cosine', num_timesteps))
   grid = np.arange(1, num_timesteps + 1) / num_timesteps

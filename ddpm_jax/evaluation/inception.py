@@ -15,7 +15,6 @@ over the 8x8 mixed_10 map (the FID feature), and optionally the 1008-way logits 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import time

@@ -152,6 +152,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
                '_rebuild_parameter': _rebuild_parameter, '_rebuild_parameter_with_state': _rebuild_parameter}
       if name in table:
         return table[name]
+    if module == 'torch.jit._pickle':  # TorchScript's typed lists (e.g. a List[int] padding attribute)
+      if name in ('build_intlist', 'build_floatlist', 'build_boollist', 'build_doublelist', 'build_tensorlist'):
+        return list
+      if name == 'restore_type_tag':
+        return lambda value, type_str: value
     if module == 'torch' and name.endswith('Storage'):
       return _StorageType(name)
     if module.startswith('__torch__'):
@@ -239,6 +244,7 @@ def read_torch_file(path: str) -> Dict[str, Any]:
 
 
 def sha256_of(path: str) -> str:
+  """Hex sha256 of a file (the pin of the weights, recorded in the FID protocol)."""
   h = hashlib.sha256()
   with open(path, 'rb') as f:
     for chunk in iter(lambda: f.read(1 << 22), b''):
@@ -247,9 +253,12 @@ def sha256_of(path: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- architecture
-# Per block: (flax path under the block, tf name under the block, pytorch-fid name under the block, stride,
-# padding (ph, pw)). Kernel sizes come from the weight shapes. Paths use '/' for nesting.
-_STEM = [  # (our name, tf name, pytorch-fid name, stride, padding)
+# The 94 conv layers and the names each layout gives them. Stride / padding (ph, pw) are those of the TF graph
+# (stride-1 'SAME' = symmetric padding); loading default_1.pt checks them against the TorchScript attributes.
+# Stem rows: (our path, tf name, pytorch-fid name, stride, padding).
+# Block rows: (our path inside the block, '/' = nesting; the tf name is the same with '.'; pytorch-fid name inside
+# the block, stride, padding).
+_STEM = [
     ('conv', 'conv', 'Conv2d_1a_3x3', 2, (0, 0)),
     ('conv_1', 'conv_1', 'Conv2d_2a_3x3', 1, (0, 0)),
     ('conv_2', 'conv_2', 'Conv2d_2b_3x3', 1, (1, 1)),
@@ -294,7 +303,8 @@ _BLOCK_E = [
 MIXED_BLOCKS = [
     ('mixed', 'Mixed_5b', 'A'), ('mixed_1', 'Mixed_5c', 'A'), ('mixed_2', 'Mixed_5d', 'A'),
     ('mixed_3', 'Mixed_6a', 'B'),
-    ('mixed_4', 'Mixed_6b', 'C'), ('mixed_5', 'Mixed_6c', 'C'), ('mixed_6', 'Mixed_6d', 'C'), ('mixed_7', 'Mixed_6e', 'C'),
+    ('mixed_4', 'Mixed_6b', 'C'), ('mixed_5', 'Mixed_6c', 'C'), ('mixed_6', 'Mixed_6d', 'C'),
+    ('mixed_7', 'Mixed_6e', 'C'),
     ('mixed_8', 'Mixed_7a', 'D'),
     ('mixed_9', 'Mixed_7b', 'E'), ('mixed_10', 'Mixed_7c', 'E'),
 ]
@@ -320,12 +330,9 @@ def conv_specs() -> List[ConvSpec]:
   return specs
 
 
-def conv_spec_table() -> Dict[Tuple[str, ...], ConvSpec]:
-  return {s.path: s for s in conv_specs()}
-
-
 # ------------------------------------------------------------------------------------------------- mapping
 def detect_layout(tensors: Dict[str, Any]) -> str:
+  """'tf' (default_1.pt / NVIDIA TorchScript names) or 'pytorch_fid' (FIDInception state dict names)."""
   if any(k.endswith('layers.mixed_10.tower_2_conv.weight') for k in tensors):
     return 'tf'
   if 'Mixed_7c.branch_pool.conv.weight' in tensors or any(

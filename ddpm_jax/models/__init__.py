@@ -67,7 +67,8 @@ def _dummy_inputs(model: UNet, batch_size: int = 1):
 def init_params(model: UNet, rng: jax.Array) -> Any:
   """Initialises the parameters (the original initialisation: fan_avg uniform, zero-scale last convs)."""
   x, t = _dummy_inputs(model)
-  return model.init({'params': rng}, x, t, train=False)['params']
+  # Jitted: initialising op by op dispatches thousands of small computations (slow for the 114M models).
+  return jax.jit(lambda key: model.init({'params': key}, x, t, train=False)['params'])(rng)
 
 
 def param_shapes(model: UNet) -> Any:

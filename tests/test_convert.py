@@ -1,0 +1,236 @@
+"""diffusers DDPM checkpoints -> our U-Net (ddpm_jax.convert): numerical equivalence with diffusers, file formats,
+strictness, the command. torch/diffusers are the test oracle only."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from configs import default
+from ddpm_jax import checkpointing
+from ddpm_jax import config_validation
+from ddpm_jax import convert
+from ddpm_jax import models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# config.json of google/ddpm-cifar10-32 (the released CIFAR-10 model of Ho et al. 2020, as converted by diffusers).
+CIFAR10_CONFIG = {
+    '_class_name': 'UNet2DModel', '_diffusers_version': '0.0.4', 'act_fn': 'silu', 'attention_head_dim': None,
+    'block_out_channels': [128, 256, 256, 256], 'center_input_sample': False,
+    'down_block_types': ['DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D'], 'downsample_padding': 0,
+    'flip_sin_to_cos': False, 'freq_shift': 1, 'in_channels': 3, 'layers_per_block': 2, 'mid_block_scale_factor': 1,
+    'norm_eps': 1e-06, 'norm_num_groups': 32, 'out_channels': 3, 'sample_size': 32,
+    'time_embedding_type': 'positional', 'resnet_time_scale_shift': 'default',
+    'up_block_types': ['UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'],
+}
+SCHEDULER_CONFIG = {'_class_name': 'DDPMScheduler', 'beta_end': 0.02, 'beta_schedule': 'linear', 'beta_start': 0.0001,
+                    'clip_sample': True, 'num_train_timesteps': 1000, 'trained_betas': None,
+                    'variance_type': 'fixed_small'}
+# The same family, two levels, attention at 8x8: fast.
+SMALL_CONFIG = dict(CIFAR10_CONFIG, block_out_channels=[32, 64], down_block_types=['DownBlock2D', 'AttnDownBlock2D'],
+                    up_block_types=['AttnUpBlock2D', 'UpBlock2D'], layers_per_block=1, sample_size=16)
+
+
+def _diffusers_unet(config, seed=0):
+  """A diffusers UNet2DModel with non-zero random weights in every tensor (zero-initialised ones included)."""
+  torch.manual_seed(seed)
+  net = UNet2DModel(**{k: v for k, v in config.items() if not k.startswith('_')}).eval()
+  with torch.no_grad():
+    for name, p in net.named_parameters():
+      noise = torch.randn_like(p)
+      if p.ndim > 1:
+        p.copy_(noise / np.sqrt(p[0].numel()))
+      elif 'norm' in name and name.endswith('weight'):
+        p.copy_(1.0 + 0.1 * noise)
+      else:
+        p.copy_(0.1 * noise)
+  return net
+
+
+def _state_dict(net):
+  return {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
+
+
+def _compare(net, params, overrides, t, seed=0):
+  """max |ours - diffusers| / max |diffusers| on random x_t for the timesteps t."""
+  side, c = overrides['data']['image_size'], overrides['data']['num_channels']
+  x = np.random.RandomState(seed).uniform(-1, 1, (len(t), c, side, side)).astype(np.float32)
+  with torch.no_grad():
+    ref = net(torch.from_numpy(x), torch.from_numpy(np.asarray(t, np.int64))).sample.numpy().transpose(0, 2, 3, 1)
+  model = convert.model_from_overrides(overrides)
+  out = jax.jit(lambda p, x, t: model.apply({'params': p}, x, t))(params, x.transpose(0, 2, 3, 1),
+                                                                  jnp.asarray(t, jnp.int32))
+  assert out.shape == ref.shape
+  return float(np.abs(np.asarray(out) - ref).max() / np.abs(ref).max())
+
+
+def _save(net, directory, safe=True, scheduler=True):
+  net.save_pretrained(directory, safe_serialization=safe)
+  if scheduler:
+    with open(os.path.join(directory, 'scheduler_config.json'), 'w') as f:
+      json.dump(SCHEDULER_CONFIG, f)
+
+
+@pytest.fixture(scope='module')
+def small_net():
+  return _diffusers_unet(SMALL_CONFIG)
+
+
+def test_small_checkpoint_matches_diffusers(small_net, tmp_path):
+  _save(small_net, tmp_path)
+  assert os.path.isfile(tmp_path / 'diffusion_pytorch_model.safetensors')
+  params, overrides = convert.load_diffusers_checkpoint(str(tmp_path))
+  assert overrides['model'] == {'ch': 32, 'ch_mult': (1, 2), 'num_res_blocks': 1, 'attn_resolutions': (8,),
+                                'resamp_with_conv': True, 'learned_variance': False, 'num_classes': 0}
+  assert overrides['data'] == {'image_size': 16, 'num_channels': 3}
+  assert overrides['diffusion'] == {'schedule': 'linear', 'num_timesteps': 1000, 'beta_start': 1e-4,
+                                    'beta_end': 0.02}
+  assert all(v.dtype == np.float32 for v in jax.tree_util.tree_leaves(params))
+  assert models.count_params(params) == sum(p.numel() for p in small_net.parameters())
+  assert _compare(small_net, params, overrides, [0, 1, 10, 500, 999]) <= 1e-5
+
+
+def test_cifar10_released_architecture_matches_diffusers():
+  net = _diffusers_unet(CIFAR10_CONFIG, seed=1)
+  assert sum(p.numel() for p in net.parameters()) == 35_746_307
+  overrides = convert.model_overrides_from_diffusers(CIFAR10_CONFIG, SCHEDULER_CONFIG)
+  params = convert.convert_state_dict(_state_dict(net), convert.model_from_overrides(overrides))
+  assert models.count_params(params) == 35_746_307
+  assert _compare(net, params, overrides, [3, 777], seed=1) <= 1e-5
+  # The checkpoint is the network of configs/cifar10.py: `--config=configs/cifar10.py` can sample from it.
+  from configs import cifar10  # pylint: disable=g-import-not-at-top
+  ours = cifar10.get_config()
+  merged = convert.apply_overrides(ours, overrides)
+  for k in ('ch', 'ch_mult', 'num_res_blocks', 'attn_resolutions', 'resamp_with_conv', 'num_classes'):
+    assert tuple(np.atleast_1d(merged.model[k])) == tuple(np.atleast_1d(ours.model[k])), k
+  config_validation.validate_config(merged)
+
+
+def test_bin_reader_matches_torch_without_importing_it(tmp_path):
+  base = torch.randn(5, 7)
+  tensors = {'transposed': base.t(), 'offset_view': base[1:3, 2:], 'half': torch.randn(3, 4).half(),
+             'bf16': torch.randn(4).bfloat16(), 'long': torch.arange(6), 'scalar': torch.tensor(3.5),
+             'param': torch.nn.Parameter(torch.ones(2))}
+  torch.save(tensors, tmp_path / 'w.bin')
+  loaded = convert.load_torch_state_dict(str(tmp_path / 'w.bin'))
+  assert set(loaded) == set(tensors)
+  for k, v in tensors.items():
+    ref = v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
+    assert loaded[k].shape == ref.shape and loaded[k].flags['C_CONTIGUOUS'], k
+    np.testing.assert_array_equal(np.asarray(loaded[k], ref.dtype), ref, err_msg=k)
+  # Anything but tensors is refused (a pickle may run arbitrary code).
+  torch.save({'w': torch.ones(2), 'evil': {1, 2}.__class__}, tmp_path / 'bad.bin')
+  with pytest.raises(convert.ConversionError, match='refusing to unpickle'):
+    convert.load_torch_state_dict(str(tmp_path / 'bad.bin'))
+
+
+def test_bin_pipeline_layout_and_legacy_attention_names(small_net, tmp_path):
+  # A pipeline directory (model under unet/) with .bin weights and the old attention names of the first uploads.
+  state = _state_dict(small_net)
+  legacy = {}
+  for k, v in state.items():
+    for new, old in (('to_q', 'query'), ('to_k', 'key'), ('to_v', 'value'), ('to_out.0', 'proj_attn')):
+      k = k.replace(f'.{new}.', f'.{old}.')
+    legacy[k] = torch.from_numpy(v)
+  assert any('.proj_attn.' in k for k in legacy) and not any('.to_q.' in k for k in legacy)
+  (tmp_path / 'unet').mkdir()
+  torch.save(legacy, tmp_path / 'unet' / 'diffusion_pytorch_model.bin')
+  with open(tmp_path / 'unet' / 'config.json', 'w') as f:
+    json.dump(SMALL_CONFIG, f)
+  params, overrides = convert.load_diffusers_checkpoint(str(tmp_path))
+  reference = convert.convert_state_dict(state, convert.model_from_overrides(overrides))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, reference)
+  assert overrides['diffusion'] == {}  # no scheduler config: the configured schedule stays
+
+
+def test_missing_unexpected_and_mismatched_tensors_are_listed(small_net):
+  state = _state_dict(small_net)
+  model = convert.model_from_overrides(convert.model_overrides_from_diffusers(SMALL_CONFIG))
+  broken = dict(state)
+  del broken['down_blocks.1.resnets.0.conv_shortcut.weight']
+  del broken['mid_block.attentions.0.to_k.bias']
+  broken['extra.weight'] = np.zeros(3, np.float32)
+  broken['conv_out.bias'] = np.zeros(4, np.float32)
+  with pytest.raises(convert.ConversionError) as e:
+    convert.convert_state_dict(broken, model)
+  msg = str(e.value)
+  for name in ('down_blocks.1.resnets.0.conv_shortcut.weight', 'mid_block.attentions.0.to_k.bias', 'extra.weight',
+               'conv_out/bias (4,) vs model (3,)'):
+    assert name in msg, (name, msg)
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('flip_sin_to_cos', True, 'flip_sin_to_cos=True'),
+    ('freq_shift', None, 'freq_shift=0'),  # absent: diffusers' default (0) applies, not the DDPM value
+    ('downsample_padding', 1, 'downsample_padding=1'),
+    ('attention_head_dim', 8, 'multi-head'),
+    ('num_class_embeds', 10, 'num_class_embeds=10'),
+    ('up_block_types', ['AttnUpBlock2D', 'UpBlock2D', 'UpBlock2D', 'UpBlock2D'], 'different levels'),
+    ('_class_name', 'UNet2DConditionModel', 'not a UNet2DModel'),
+])
+def test_unsupported_architectures_are_refused(field, value, message):
+  config = dict(CIFAR10_CONFIG)
+  if value is None:
+    del config[field]
+  else:
+    config[field] = value
+  with pytest.raises(convert.ConversionError, match=message):
+    convert.model_overrides_from_diffusers(config)
+
+
+def test_learned_variance_and_padded_configs():
+  overrides = convert.model_overrides_from_diffusers(dict(CIFAR10_CONFIG, out_channels=6),
+                                                     dict(SCHEDULER_CONFIG, variance_type='learned_range'))
+  assert overrides['model']['learned_variance'] and overrides['diffusion']['var_type'] == 'learned_range'
+  config = convert.apply_overrides(default.get_config(), overrides)
+  config_validation.validate_config(config)
+  assert models.create_model(config).out_ch == 6
+  # MNIST-like configs pad 28 -> 32: the checkpoint's side is the padded size.
+  from configs import mnist  # pylint: disable=g-import-not-at-top
+  digits = dict(SMALL_CONFIG, in_channels=1, out_channels=1, sample_size=32)
+  config = convert.apply_overrides(mnist.get_config(), convert.model_overrides_from_diffusers(digits))
+  assert (config.data.image_size, config.data.pad_to, config.data.num_channels) == (28, 32, 1)
+
+
+def test_command_writes_a_restorable_workdir_without_torch(small_net, tmp_path, capsys):
+  ckpt, workdir = tmp_path / 'ddpm-small', tmp_path / 'work'
+  _save(small_net, ckpt, safe=False)  # .bin: the torch-free reader must handle it
+  code = ('import sys; sys.modules["torch"] = None; from ddpm_jax import convert; '
+          f'sys.exit(convert.main(["--checkpoint", {str(ckpt)!r}, "--out", {str(workdir)!r}, "--step", "7"]))')
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert 'checkpoints/7' in proc.stdout
+  step, params, ema_params = checkpointing.restore_inference_params(str(workdir))
+  assert step == 7
+  reference = convert.convert_state_dict(_state_dict(small_net), convert.model_from_overrides(
+      convert.model_overrides_from_diffusers(SMALL_CONFIG)))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, reference)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, ema_params, reference)
+  with open(workdir / 'config.json') as f:
+    written = json.load(f)
+  assert written['model']['ch_mult'] == [1, 2] and written['data']['image_size'] == 16
+  assert written['model']['learned_variance'] is False and written['diffusion']['schedule'] == 'linear'
+  # The written config rebuilds the network the checkpoint holds.
+  config = default.get_config()
+  for section in ('model', 'data', 'diffusion'):
+    config[section].update({k: tuple(v) if isinstance(v, list) else v for k, v in written[section].items()})
+  config_validation.validate_config(config)
+  shapes = models.param_shapes(models.create_model(config))
+  assert jax.tree_util.tree_map(lambda s: s.shape, shapes) == jax.tree_util.tree_map(np.shape, params)
+
+  # Bad directories: one line on stderr, exit status 2, nothing written.
+  for bad in (str(tmp_path / 'nope'), str(tmp_path)):
+    assert convert.main(['--checkpoint', bad, '--out', str(tmp_path / 'out2')]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('ddpm_jax.convert: error:') and '\n' not in err and repr(bad) in err
+  assert not (tmp_path / 'out2').exists()
