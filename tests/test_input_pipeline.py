@@ -71,8 +71,12 @@ def test_config_mismatches_are_one_line_errors():
     input_pipeline.create_train_iterator(conditional)
 
 
-def test_unprepared_tfds_dataset_fails_fast_with_instructions(tmp_path):
-  # Real (unmocked) TFDS, empty data_dir, no TensorFlow here: must not try to download for minutes.
+@pytest.mark.parametrize('tensorflow', [False, True])
+def test_unprepared_tfds_dataset_fails_fast_with_instructions(tmp_path, monkeypatch, tensorflow):
+  # Real (unmocked) TFDS and an empty data_dir. Without TF, or offline (a TEST-NET address stands in for the
+  # download host), it must fail in seconds with what to do, not retry downloads for minutes.
+  monkeypatch.setattr(input_pipeline, '_tensorflow_available', lambda: tensorflow)
+  monkeypatch.setattr(input_pipeline, '_NETWORK_PROBE', ('192.0.2.1', 443))
   start = time.time()
   with pytest.raises(input_pipeline.DatasetNotPreparedError) as e:
     input_pipeline.create_train_iterator(_config('cifar10', data_dir=str(tmp_path)))
@@ -81,7 +85,57 @@ def test_unprepared_tfds_dataset_fails_fast_with_instructions(tmp_path):
   assert '\n' not in message
   assert "config.data.dataset='cifar10'" in message and str(tmp_path) in message
   assert 'tfds build cifar10 --file_format=array_record' in message and 'config.data.data_dir' in message
-  assert 'TensorFlow is not installed' in message
+  assert ('no network' in message) == tensorflow and ('TensorFlow is not installed' in message) != tensorflow
+
+
+def test_manual_download_dataset_explains_the_manual_step(tmp_path):
+  with pytest.raises(input_pipeline.DatasetNotPreparedError, match=r"'celeb_a_hq/256' .* manual download: .*"
+                     r"data1024x1024.tar.*/downloads/manual"):
+    input_pipeline.dataset_info(_config('celeb_a_hq', data_dir=str(tmp_path), image_size=256)).num_examples('train')
+
+
+_REAL_PATH_SCRIPT = r"""
+import importlib.machinery, json, sys
+class _NoTensorFlow(importlib.machinery.PathFinder):  # as if TensorFlow were not installed
+  @classmethod
+  def find_spec(cls, name, path=None, target=None):
+    if name.split('.')[0] == 'tensorflow':
+      return None
+    return importlib.machinery.PathFinder.find_spec(name, path, target)
+sys.meta_path[:] = [_NoTensorFlow if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+sys.path[:0] = [sys.argv[1], sys.argv[1] + '/configs']
+import numpy as np
+import default
+from ddpm_jax import input_pipeline
+input_pipeline.prepare_fake_cifar10(sys.argv[2], num_train=40, num_test=13)
+config = default.get_config()
+config.data.data_dir, config.training.batch_size = sys.argv[2], 8
+batches = [next(it) for it in [input_pipeline.create_train_iterator(config, process_index=0, process_count=1)]
+           for _ in range(6)]
+ev = list(input_pipeline.create_eval_iterator(config, 'test', 8, process_index=0, process_count=1))
+print(json.dumps({
+    'shapes': sorted({str(b['image'].shape) for b in batches}), 'dtype': str(batches[0]['image'].dtype),
+    'range': [float(min(b['image'].min() for b in batches)), float(max(b['image'].max() for b in batches))],
+    'labels': sorted({int(l) for b in batches for l in b['label']}),
+    'eval_mask': [int(b['mask'].sum()) for b in ev], 'tensorflow_imported': 'tensorflow' in sys.modules}))
+"""
+
+
+def test_real_arrayrecord_path_without_tensorflow(tmp_path):
+  # Not a mock: a prepared TFDS cifar10 (ArrayRecord files, PNG-encoded images) read in a process that cannot
+  # import TensorFlow, as the training process must work.
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', _REAL_PATH_SCRIPT, repo, str(tmp_path / 'tfds')], env=env,
+                       capture_output=True, text=True, timeout=120, check=True).stdout
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result['shapes'] == ['(8, 32, 32, 3)'] and result['dtype'] == 'float32'
+  assert result['range'][0] >= -1 and result['range'][1] <= 1 and result['range'][1] - result['range'][0] > 1.9
+  assert result['labels'] == list(range(10))
+  assert result['eval_mask'] == [8, 5]
+  assert not result['tensorflow_imported']
 
 
 # ----------------------------------------------------------------------------------------------- TFDS mocks
@@ -156,10 +210,10 @@ def test_two_processes_read_disjoint_shards_covering_the_split():
   assert shards[0] | shards[1] == everything
 
 
-@pytest.mark.parametrize('k', [2, 5])
+@pytest.mark.parametrize('k', [3, 7])
 def test_resume_from_iterator_state_gives_the_same_batches(k):
-  config = _config('mnist5k', batch_size=16)
-  config.training.batch_size = 1000  # 4 batches per 4,500-digit epoch: k=5 resumes in the second epoch
+  # 500 digits, batch 64: the 8th batch straddles the epoch boundary, k=7 resumes right before it.
+  config = _config('mnist5k', batch_size=64, train_split='test')
   reference = _take(input_pipeline.create_train_iterator(config), k + 2)
   it = input_pipeline.create_train_iterator(config)
   _take(it, k)
@@ -167,6 +221,19 @@ def test_resume_from_iterator_state_gives_the_same_batches(k):
   resumed = input_pipeline.create_train_iterator(config)
   resumed.set_state(state)
   _assert_batches_equal(_take(resumed, 2), reference[k:])
+
+
+def test_multiprocess_workers_give_the_same_batches_and_resume():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags (a trainer runs under absl app.run)
+  config = _config('mnist5k', batch_size=32)
+  reference = _take(input_pipeline.create_train_iterator(config), 4)
+  config.data.num_workers = 1
+  it = input_pipeline.create_train_iterator(config)
+  _assert_batches_equal(_take(it, 2), reference[:2])
+  resumed = input_pipeline.create_train_iterator(config)
+  resumed.set_state(it.get_state())
+  _assert_batches_equal(_take(resumed, 2), reference[2:])
 
 
 def test_resume_through_orbax_checkpoint_manager(tmp_path):
