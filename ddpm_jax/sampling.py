@@ -27,9 +27,8 @@ from ddpm_jax import train_state as train_state_lib
 
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """(H, W, C) of the model's images (after `pad_to`)."""
-  side = config.data.pad_to or config.data.image_size
-  return side, side, config.data.num_channels
+  """(H, W, C) of the model's images (`data.image_size` is the size after any padding)."""
+  return config.data.image_size, config.data.image_size, config.data.num_channels
 
 
 def sample_labels(config: ml_collections.ConfigDict, num: int) -> Optional[np.ndarray]:

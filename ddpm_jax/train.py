@@ -200,8 +200,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
         local = [next(train_iter) for _ in range(k)]
         batches = jax.tree.map(lambda *xs: np.stack(xs), *local)
         metrics = trainer.step(batches)
+        now = time.time()
+        for done in range(step + 1, step + k + 1):  # clu's periodic actions expect every step number once
+          progress(done, now)
         step += k
-        progress(step, time.time())
 
         if step % tc.log_every == 0 or step >= tc.num_steps:
           summary = _summarize(jax.device_get(metrics))

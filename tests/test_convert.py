@@ -193,11 +193,19 @@ def test_learned_variance_and_padded_configs():
   config = convert.apply_overrides(default.get_config(), overrides)
   config_validation.validate_config(config)
   assert models.create_model(config).out_ch == 6
-  # MNIST-like configs pad 28 -> 32: the checkpoint's side is the padded size.
-  from configs import mnist  # pylint: disable=g-import-not-at-top
+  # ... and a fixed-variance checkpoint under a config asking for a learned one gets the paper's fixedlarge.
+  learned_base = default.get_config()
+  learned_base.diffusion.var_type, learned_base.diffusion.loss_type = 'learned_range', 'hybrid'
+  config = convert.apply_overrides(learned_base, convert.model_overrides_from_diffusers(CIFAR10_CONFIG))
+  assert config.diffusion.var_type == 'fixedlarge' and models.create_model(config).out_ch == 3
+  config_validation.validate_config(config)
+  # Configs that pad 28x28 digits to 32: the checkpoint's side is the padded size (the model's input).
+  padded = default.get_config()
+  padded.data.image_size, padded.data.pad_to, padded.data.num_channels = 28, 32, 1
   digits = dict(SMALL_CONFIG, in_channels=1, out_channels=1, sample_size=32)
-  config = convert.apply_overrides(mnist.get_config(), convert.model_overrides_from_diffusers(digits))
+  config = convert.apply_overrides(padded, convert.model_overrides_from_diffusers(digits))
   assert (config.data.image_size, config.data.pad_to, config.data.num_channels) == (28, 32, 1)
+  assert models.model_image_size(config) == 32
 
 
 def test_command_writes_a_restorable_workdir_without_torch(small_net, tmp_path, capsys):

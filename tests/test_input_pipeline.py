@@ -9,10 +9,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'))
-import default as default_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import default as default_config
+from ddpm_jax import input_pipeline
+from ddpm_jax.data import sources
 
 
 def _config(dataset='cifar10', batch_size=8, **data):
@@ -75,8 +74,8 @@ def test_config_mismatches_are_one_line_errors():
 def test_unprepared_tfds_dataset_fails_fast_with_instructions(tmp_path, monkeypatch, tensorflow):
   # Real (unmocked) TFDS and an empty data_dir. Without TF, or offline (a TEST-NET address stands in for the
   # download host), it must fail in seconds with what to do, not retry downloads for minutes.
-  monkeypatch.setattr(input_pipeline, '_tensorflow_available', lambda: tensorflow)
-  monkeypatch.setattr(input_pipeline, '_NETWORK_PROBE', ('192.0.2.1', 443))
+  monkeypatch.setattr(sources, '_tensorflow_available', lambda: tensorflow)
+  monkeypatch.setattr(sources, '_NETWORK_PROBE', ('192.0.2.1', 443))
   start = time.time()
   with pytest.raises(input_pipeline.DatasetNotPreparedError) as e:
     input_pipeline.create_train_iterator(_config('cifar10', data_dir=str(tmp_path)))
@@ -103,9 +102,8 @@ class _NoTensorFlow(importlib.machinery.PathFinder):  # as if TensorFlow were no
       return None
     return importlib.machinery.PathFinder.find_spec(name, path, target)
 sys.meta_path[:] = [_NoTensorFlow if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
-sys.path[:0] = [sys.argv[1], sys.argv[1] + '/configs']
-import numpy as np
-import default
+sys.path.insert(0, sys.argv[1])
+from configs import default
 from ddpm_jax import input_pipeline
 input_pipeline.prepare_fake_cifar10(sys.argv[2], num_train=40, num_test=13)
 config = default.get_config()
@@ -113,11 +111,17 @@ config.data.data_dir, config.training.batch_size = sys.argv[2], 8
 batches = [next(it) for it in [input_pipeline.create_train_iterator(config, process_index=0, process_count=1)]
            for _ in range(6)]
 ev = list(input_pipeline.create_eval_iterator(config, 'test', 8, process_index=0, process_count=1))
+try:
+  input_pipeline.create_eval_iterator(config, 'validation', 8, process_index=0, process_count=1)
+  bad_split = ''
+except ValueError as e:
+  bad_split = str(e)
 print(json.dumps({
     'shapes': sorted({str(b['image'].shape) for b in batches}), 'dtype': str(batches[0]['image'].dtype),
     'range': [float(min(b['image'].min() for b in batches)), float(max(b['image'].max() for b in batches))],
     'labels': sorted({int(l) for b in batches for l in b['label']}),
-    'eval_mask': [int(b['mask'].sum()) for b in ev], 'tensorflow_imported': 'tensorflow' in sys.modules}))
+    'eval_mask': [int(b['mask'].sum()) for b in ev], 'tensorflow_imported': 'tensorflow' in sys.modules,
+    'bad_split': bad_split}))
 """
 
 
@@ -136,6 +140,7 @@ def test_real_arrayrecord_path_without_tensorflow(tmp_path):
   assert result['labels'] == list(range(10))
   assert result['eval_mask'] == [8, 5]
   assert not result['tensorflow_imported']
+  assert "cannot read split 'validation'" in result['bad_split'] and "['train', 'test']" in result['bad_split']
 
 
 # ----------------------------------------------------------------------------------------------- TFDS mocks
@@ -193,21 +198,33 @@ def test_celeb_a_and_lsun_crops_are_unlabelled():
 
 def test_two_processes_read_disjoint_shards_covering_the_split():
   with tfds.testing.mock_data(num_examples=24):
-    config = _config('cifar10', batch_size=8, random_flip=False)
-    shards = []
+    config = _config('cifar10', batch_size=8, random_flip=True)
+    per_process = []
     for p in range(2):
       it = input_pipeline.create_train_iterator(config, process_index=p, process_count=2)
-      batches = _take(it, 6)  # 2 epochs of a 12-example shard, local batch 4
+      batches = _take(it, 6)  # 2 epochs of 3 global batches, local batch 4
       assert all(b['image'].shape == (4, 32, 32, 3) for b in batches)
-      epoch1 = [k for b in batches[:3] for k in _fingerprints(b)]
-      epoch2 = [k for b in batches[3:] for k in _fingerprints(b)]
-      assert len(set(epoch1)) == 12 and set(epoch1) == set(epoch2)  # each epoch: the whole shard once
-      assert epoch1 != epoch2  # reshuffled per epoch
-      shards.append(set(epoch1))
+      per_process.append(batches)
+    single = _take(input_pipeline.create_train_iterator(config, process_index=0, process_count=1), 6)
     raw = tfds.data_source('cifar10', split='train')
     everything = {raw[i]['image'].tobytes() for i in range(len(raw))}
-  assert not shards[0] & shards[1]
-  assert shards[0] | shards[1] == everything
+    everything |= {raw[i]['image'][:, ::-1].tobytes() for i in range(len(raw))}
+
+  epochs = []
+  for epoch in range(2):
+    sets = [{k for b in batches[3 * epoch:3 * epoch + 3] for k in _fingerprints(b)} for batches in per_process]
+    assert len(sets[0]) == len(sets[1]) == 12
+    assert not sets[0] & sets[1]  # disjoint within the epoch
+    assert sets[0] <= everything and sets[1] <= everything
+    epochs.append(sets[0] | sets[1])
+  assert [b['label'].tolist() for b in single[:3]] != [b['label'].tolist() for b in single[3:]]  # reshuffled
+  # The global batch does not depend on the number of processes (flips included): concatenating the two
+  # processes' local batches gives exactly the single-process batch.
+  for i in range(6):
+    np.testing.assert_array_equal(np.concatenate([per_process[0][i]['image'], per_process[1][i]['image']]),
+                                  single[i]['image'])
+    np.testing.assert_array_equal(np.concatenate([per_process[0][i]['label'], per_process[1][i]['label']]),
+                                  single[i]['label'])
 
 
 @pytest.mark.parametrize('k', [3, 7])
@@ -242,19 +259,21 @@ def test_resume_through_orbax_checkpoint_manager(tmp_path):
   reference = _take(input_pipeline.create_train_iterator(config), 6)
   it = input_pipeline.create_train_iterator(config)
   _take(it, 3)
+  state = {'step': np.array(3, np.int32), 'params': np.arange(4.0)}
+  # Exactly the trainer's calls (see the input_pipeline docstring): items 'state' and 'data'.
+  assert input_pipeline.DATA_CHECKPOINT_ITEM == 'data'
   with ocp.CheckpointManager(tmp_path / 'checkpoints') as manager:
-    manager.save(3, args=ocp.args.Composite(**{
-        input_pipeline.DATA_CHECKPOINT_ITEM: input_pipeline.checkpoint_save_args(it)}))
+    manager.save(3, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=input_pipeline.checkpoint_save_args(it)))
     _take(it, 2)  # training goes on while an async save may still be running: must not leak into the state
     manager.wait_until_finished()
   with ocp.CheckpointManager(tmp_path / 'checkpoints') as manager:
     assert manager.latest_step() == 3
     fresh = input_pipeline.create_train_iterator(config)
-    restored = manager.restore(3, args=ocp.args.Composite(**{
-        input_pipeline.DATA_CHECKPOINT_ITEM: input_pipeline.checkpoint_restore_args(fresh)}))
-  restored_it = restored[input_pipeline.DATA_CHECKPOINT_ITEM]
-  assert restored_it is fresh
-  _assert_batches_equal(_take(restored_it, 3), reference[3:])
+    restored = manager.restore(3, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(state), data=input_pipeline.checkpoint_restore_args(fresh)))
+  assert restored['data'] is fresh and int(restored['state']['step']) == 3
+  _assert_batches_equal(_take(fresh, 3), reference[3:])
 
 
 # ------------------------------------------------------------------------------------------- eval iterator

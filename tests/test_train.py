@@ -237,7 +237,14 @@ def test_jit_pmap_and_two_processes_agree(tmp_path):
     assert proc.returncode == 0, err[-3000:]
   runs['multihost'] = _final_params(workdir)
 
+  # Reduction order differs (pmean / cross-process all-reduce vs one program), and Adam turns a gradient that is
+  # ~0 up to rounding into a full ±lr step, so parameters with no signal may differ by rounding-sized noise times
+  # lr. Any real difference (other data, other timesteps or noise, a missing gradient average) moves parameters by
+  # O(lr) = 1e-3 in most entries; atol = 10% of one step separates the two.
   reference = jax.tree.leaves(runs['jit'])
   for name in ('pmap', 'multihost'):
-    for a, b in zip(reference, jax.tree.leaves(runs[name]), strict=True):
-      np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=name)
+    leaves = jax.tree.leaves(runs[name])
+    for a, b in zip(reference, leaves, strict=True):
+      np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4, err_msg=name)
+    close = sum(int(np.sum(np.isclose(b, a, rtol=1e-5, atol=1e-7))) for a, b in zip(reference, leaves))
+    assert close / sum(a.size for a in reference) > 0.9, name  # the bulk agrees far more tightly

@@ -1,0 +1,1 @@
+"""Data sources behind `ddpm_jax.input_pipeline` (see `sources.py`)."""

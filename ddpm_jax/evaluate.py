@@ -1,0 +1,493 @@
+"""`--mode=eval`: bits/dim, FID and Inception Score of a checkpoint's EMA parameters under one frozen protocol.
+
+Writes `<workdir>/eval/step_<N>.json` and TensorBoard scalars (`eval/...`) with
+* `bpd`: the discrete variational bound L = L_T + sum_{t>1} L_{t-1} + L_0 of Ho et al. 2020 (eq. 5), in bits/dim,
+  averaged over every example of `data.eval_split` once (padding masked out), with its terms (prior L_T, decoder
+  L_0, every L_t) and the rate-distortion pairs of the progressive code (Sec. 4.3, Table 4, Fig. 5);
+* `fid_train` / `fid_test` (Heusel et al. 2017) of `eval.num_samples` samples from `config.sample`'s sampler against
+  the statistics of the full train / eval splits (cached per dataset, split and Inception protocol), `fid` (or
+  `fid@N` when N != 50,000) = `fid_train`, the paper's Table 1 convention, and the Inception Score (Salimans et al.
+  2016) when the Inception weights carry the classifier;
+* a `protocol` block saying how every number was obtained.
+
+Resumable: partial sums, the sample feature accumulator and the reference-statistics accumulators are saved
+atomically (tmp file + os.replace) under `<workdir>/eval/` at most every `PROGRESS_SAVE_SECONDS`, and a restarted
+evaluation skips what was done. Deterministic: every batch has its own key (`fold_in(stream, batch_index)`) and
+host sums are float64 in a fixed order, so a resumed run gives bit-identical numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+from absl import logging
+from clu import metric_writers
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ddpm_jax import checkpointing
+from ddpm_jax import config_validation
+from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import images as images_lib
+from ddpm_jax import input_pipeline
+from ddpm_jax import likelihood
+from ddpm_jax import models
+from ddpm_jax import sampling
+from ddpm_jax import sharding
+from ddpm_jax import train_state as train_state_lib
+from ddpm_jax.evaluation import metrics
+
+# Progress is written at most this often (and always after the last batch of a phase).
+PROGRESS_SAVE_SECONDS = 60.0
+# fold_in constant of the bits/dim noise stream (the training streams use 0, 1, 2).
+BPD_STREAM = 0xB9D
+# Reverse-process times t (paper indexing, 1..T, for T = 1000) of the rate-distortion table; scaled to other T.
+RATE_DISTORTION_T = (1, 10, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000)
+BPD_DEFINITION = 'discrete variational bound (Ho et al. 2020, eq. 5), not ODE likelihood'
+
+
+class FIDNetworkUnavailableError(config_validation.UserError):
+  """The FID Inception weights are missing or unreadable (raised before anything is sampled)."""
+
+
+def load_fid_network(config: ml_collections.ConfigDict):
+  """`evaluation.load_inception(config.eval.inception_weights)`, failing with one line when the weights are missing."""
+  from ddpm_jax import evaluation  # pylint: disable=g-import-not-at-top
+  try:
+    return evaluation.load_inception(config.eval.inception_weights)
+  except evaluation.InceptionWeightsError as e:
+    message = ' '.join(str(e).split())
+    raise FIDNetworkUnavailableError(f'{message} (or pass --config.eval.fid=False to skip FID/IS)') from None
+
+
+# ------------------------------------------------------------------------------------------------ progress
+
+
+def _atomic_write(path: str, write) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp{os.path.splitext(path)[1]}'
+  write(tmp)
+  os.replace(tmp, path)  # a run killed mid-write never leaves a truncated file under the real name
+
+
+def _savez(path: str, arrays: Dict[str, Any]) -> None:
+  _atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
+
+
+class _Progress:
+  """Partial results saved as `.npz` files tagged with a fingerprint; files with another fingerprint are ignored."""
+
+  def __init__(self, directory: str, fingerprint: str):
+    self.directory, self.fingerprint = directory, fingerprint
+    self._last_save: Dict[str, float] = {}
+
+  def path(self, name: str) -> str:
+    return os.path.join(self.directory, f'{name}.npz')
+
+  def load(self, name: str) -> Optional[Dict[str, np.ndarray]]:
+    path = self.path(name)
+    if not os.path.isfile(path):
+      return None
+    with np.load(path) as z:
+      state = {k: np.array(z[k]) for k in z.files}
+    if str(state.pop('fingerprint', '')) != self.fingerprint:
+      logging.warning('Ignoring %s: written by an evaluation with another config.', path)
+      return None
+    return state
+
+  def save(self, name: str, arrays: Dict[str, Any], force: bool = False) -> None:
+    now = time.monotonic()
+    if not force and now - self._last_save.get(name, -np.inf) < PROGRESS_SAVE_SECONDS:
+      return
+    self._last_save[name] = now
+    if jax.process_index() == 0:
+      _savez(self.path(name), {**arrays, 'fingerprint': np.asarray(self.fingerprint)})
+
+  def clear(self) -> None:
+    if jax.process_index() == 0 and os.path.isdir(self.directory):
+      shutil.rmtree(self.directory)
+
+
+def _hash(obj: Any, length: int = 16) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def _fingerprint(config: ml_collections.ConfigDict, step: int) -> str:
+  """Everything the numbers depend on: a progress file from another config is never resumed."""
+  data = {k: v for k, v in config.data.to_dict().items() if k not in ('num_workers', 'prefetch')}
+  parts = {name: config[name].to_dict() for name in ('model', 'diffusion', 'sample', 'eval')}
+  return _hash({'seed': config.seed, 'step': step, 'data': data, **parts})
+
+
+# ------------------------------------------------------------------------------------------------ bits/dim
+
+
+def make_bpd_fn(model, diffusion: diffusion_lib.Diffusion, mesh: jax.sharding.Mesh):
+  """Jitted `(params, images, labels, mask, rng) -> masked sums` of `likelihood.calc_bpd_loop` over the batch.
+
+  The batch is sharded over the mesh; the sums (replicated, float32 per batch) count only mask=True examples, so
+  the padding of the last eval batch never enters the bound.
+  """
+
+  def sums(params, images, labels, mask, rng):
+    def model_fn(x_t, t):
+      return model.apply({'params': params}, x_t, t, y=labels, train=False)
+    out = likelihood.calc_bpd_loop(diffusion, model_fn, images, rng)
+    w = mask.astype(jnp.float32)
+
+    def wsum(x):  # elementwise product + sum, not a matmul (no reduced-precision passes on accelerators)
+      return jnp.sum(w.reshape((-1,) + (1,) * (x.ndim - 1)) * x, axis=0)
+    return {'count': jnp.sum(w), 'total_bpd': wsum(out['total_bpd']),
+            'total_bpd_sq': wsum(jnp.square(out['total_bpd'])), 'prior_bpd': wsum(out['prior_bpd']),
+            'vb': wsum(out['vb']), 'xstart_mse': wsum(out['xstart_mse']), 'eps_mse': wsum(out['mse'])}
+
+  replicated, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  return jax.jit(sums, in_shardings=(replicated, batch, batch, batch, replicated), out_shardings=replicated)
+
+
+def _pad_local(arrays: Dict[str, Optional[np.ndarray]], multiple: int) -> Dict[str, Optional[np.ndarray]]:
+  """Pads every array along axis 0 to a multiple of `multiple` by repeating row 0 (mask padded with False)."""
+  n = len(arrays['mask'])
+  pad = (-n) % multiple
+  if not pad:
+    return arrays
+  out = {}
+  for k, v in arrays.items():
+    if v is None:
+      out[k] = None
+    elif k == 'mask':
+      out[k] = np.concatenate([v, np.zeros((pad,), bool)])
+    else:
+      out[k] = np.concatenate([v, np.repeat(v[:1], pad, axis=0)])
+  return out
+
+
+def _bpd_batch(bpd_fn, params, batch: Dict[str, np.ndarray], rng: jax.Array, mesh: jax.sharding.Mesh,
+               conditional: bool) -> Dict[str, np.ndarray]:
+  """One eval batch (this process's slice) through `bpd_fn`; returns the masked sums as float64 host arrays."""
+  local = _pad_local({'image': batch['image'], 'label': batch['label'] if conditional else None,
+                      'mask': np.asarray(batch['mask'], bool)}, jax.local_device_count())
+  arrays = sharding.global_batch_array(local, sharding.batch_sharded(mesh))
+  sums = bpd_fn(params, arrays['image'], arrays['label'], arrays['mask'], rng)
+  return {k: np.asarray(v, np.float64) for k, v in jax.device_get(sums).items()}
+
+
+def bpd_key(seed: int) -> jax.Array:
+  """Root key of the bits/dim noise; batch b uses fold_in(bpd_key(seed), b)."""
+  return jax.random.fold_in(jax.random.key(seed), BPD_STREAM)
+
+
+def compute_bpd(config: ml_collections.ConfigDict, model, diffusion: diffusion_lib.Diffusion,
+                mesh: jax.sharding.Mesh, params: Any, progress: _Progress) -> Dict[str, Any]:
+  """Bits/dim (eq. 5) of `data.eval_split` (`eval.bpd_num_examples` of it, 0 = all), resuming saved partial sums."""
+  cfg = config.eval
+  split = config.data.eval_split
+  it = input_pipeline.create_eval_iterator(config, split, cfg.bpd_batch_size, num_examples=cfg.bpd_num_examples)
+  num_t = diffusion.num_timesteps
+  state = progress.load('bpd')
+  if state is None:
+    state = {'batches_done': np.asarray(0, np.int64), 'count': np.float64(0), 'total_bpd': np.float64(0),
+             'total_bpd_sq': np.float64(0), 'prior_bpd': np.float64(0), 'vb': np.zeros((num_t,)),
+             'xstart_mse': np.zeros((num_t,)), 'eps_mse': np.zeros((num_t,))}
+  done = int(state['batches_done'])
+  if done:
+    logging.info('bits/dim: resuming after %d of %d batches.', done, len(it))
+  if done < len(it):
+    bpd_fn = make_bpd_fn(model, diffusion, mesh)
+    key = bpd_key(config.seed)
+    conditional = bool(config.model.num_classes)
+    start = time.time()
+    for b, batch in enumerate(it):
+      if b < done:
+        continue  # reading a done batch costs only its decoding
+      sums = _bpd_batch(bpd_fn, params, batch, jax.random.fold_in(key, b), mesh, conditional)
+      for k, v in sums.items():
+        state[k] = state[k] + v
+      state['batches_done'] = np.asarray(b + 1, np.int64)
+      progress.save('bpd', state, force=b + 1 == len(it))
+      logging.info('bits/dim: batch %d/%d, running bpd %.4f (%.1fs)', b + 1, len(it),
+                   state['total_bpd'] / max(state['count'], 1), time.time() - start)
+  return bpd_results(state, split)
+
+
+def rate_distortion(prior: float, vb: np.ndarray, xstart_mse: np.ndarray,
+                    timesteps: Sequence[int] = RATE_DISTORTION_T) -> list:
+  """Rate-distortion of the progressive code (Ho et al. 2020, Sec. 4.3, Algorithms 3-4, Table 4, Fig. 5).
+
+  With vb[k] = L_k (L_0 the decoder, L_k = KL(q(x_k | x_{k+1}, x_0) || p(x_k | x_{k+1})) for k >= 1) and
+  prior = L_T, a receiver holding x_t (paper time t in 1..T) has been sent
+    rate(t)       = L_T + sum_{k=t}^{T-1} L_k                bits/dim (t = 1: L_1 + ... + L_T, Table 4's rate),
+  and needs
+    distortion(t) = sum_{k=0}^{t-1} L_k                      bits/dim (t = 1: L_0, Table 4's distortion)
+  more to decode x_0 losslessly, so rate + distortion = bpd at every t. `rmse` is the paper's distortion measure:
+  sqrt(mean ||x_0 - x0_hat(x_t)||^2 / D) on the [0, 255] scale, the mean over examples and dimensions (x0_hat
+  from eq. 4, clipped to [-1, 1], at code timestep index t - 1). `timesteps` are paper times for T = 1000,
+  scaled to T = len(vb).
+  """
+  num_t = len(vb)
+  ts = sorted({min(num_t, max(1, int(round(t * num_t / 1000)))) for t in timesteps})
+  cum = np.cumsum(np.asarray(vb, np.float64))
+  return [{'t': t, 'rate_bpd': float(prior + cum[-1] - cum[t - 1]), 'distortion_bpd': float(cum[t - 1]),
+           'rmse': float(127.5 * np.sqrt(xstart_mse[t - 1]))} for t in ts]
+
+
+def bpd_results(state: Dict[str, np.ndarray], split: str) -> Dict[str, Any]:
+  """The json entries of bits/dim from the accumulated sums."""
+  n = float(state['count'])
+  bpd = float(state['total_bpd'] / n)
+  var = max(float(state['total_bpd_sq'] / n) - bpd * bpd, 0.0)
+  vb, prior = state['vb'] / n, float(state['prior_bpd'] / n)
+  xstart_mse = state['xstart_mse'] / n
+  return {
+      'bpd': bpd,
+      'bpd_terms': {
+          'split': split, 'num_examples': int(n), 'stderr': float(np.sqrt(var / (n - 1))) if n > 1 else None,
+          'prior': prior, 'decoder': float(vb[0]), 'vb': [float(v) for v in vb],
+          'xstart_mse': [float(v) for v in xstart_mse], 'eps_mse': [float(v) for v in state['eps_mse'] / n],
+      },
+      'rate_distortion': rate_distortion(prior, vb, xstart_mse),
+  }
+
+
+# ----------------------------------------------------------------------------------------------- FID / IS
+
+
+def _feature_batch(net, local_images: np.ndarray, local_mask: np.ndarray, mesh: jax.sharding.Mesh,
+                   with_logits: bool) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+  """Inception features (and logits) of a global batch given as this process's uint8 slice, sharded over the
+  mesh; returns host arrays of the mask=True rows of the whole global batch, in global order."""
+  local = _pad_local({'image': local_images, 'mask': np.asarray(local_mask, bool)}, jax.local_device_count())
+  arrays = sharding.global_batch_array(local, sharding.batch_sharded(mesh))
+  if with_logits and hasattr(net, 'features_and_logits'):
+    features, logits = net.features_and_logits(arrays['image'])
+  else:
+    features = net.features(arrays['image'])
+    logits = net.logits(arrays['image']) if with_logits else None
+  host = sharding.to_host({'features': features, 'logits': logits, 'mask': arrays['mask']})
+  mask = np.asarray(host['mask'], bool)
+  logits = None if host['logits'] is None else np.asarray(host['logits'], np.float32)[mask]
+  return np.asarray(host['features'], np.float64)[mask], logits
+
+
+def _features_of(net, images: np.ndarray, mesh: jax.sharding.Mesh, chunk: int,
+                 with_logits: bool) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+  """Features of uint8 images held in full by every process, in chunks of `chunk` (padded: one compiled shape)."""
+  processes, index = jax.process_count(), jax.process_index()
+  chunk = -(-chunk // processes) * processes
+  feats, logits = [], []
+  for start in range(0, len(images), chunk):
+    part = images[start:start + chunk]
+    mask = np.arange(chunk) < len(part)
+    part = np.concatenate([part, np.repeat(part[:1], chunk - len(part), axis=0)])
+    local = slice(index * chunk // processes, (index + 1) * chunk // processes)
+    f, lg = _feature_batch(net, part[local], mask[local], mesh, with_logits)
+    feats.append(f)
+    logits.append(lg)
+  return np.concatenate(feats), (np.concatenate(logits) if with_logits else None)
+
+
+def ref_stats_path(config: ml_collections.ConfigDict, split: str, protocol: Dict[str, Any], eval_dir: str) -> str:
+  """`<workdir>/eval/ref_stats_<dataset>_<split>_<hash>.npz`; the hash covers the data and Inception protocol."""
+  d = config.data
+  key = {'dataset': d.dataset, 'split': split, 'image_size': d.image_size, 'pad_to': d.pad_to,
+         'num_channels': d.num_channels, 'path': d.path if d.dataset == 'folder' else None,
+         **{k: protocol.get(k) for k in ('weights_sha256', 'resize', 'input_range', 'feature_layer')}}
+  safe = lambda s: ''.join(c if c.isalnum() or c in '-.' else '-' for c in str(s))  # noqa: E731
+  return os.path.join(eval_dir, f'ref_stats_{safe(d.dataset)}_{safe(split)}_{_hash(key, 12)}.npz')
+
+
+def reference_statistics(config: ml_collections.ConfigDict, split: str, net, eval_dir: str,
+                         mesh: jax.sharding.Mesh) -> Tuple[np.ndarray, np.ndarray, int, str]:
+  """(mu, sigma, count, cache file) of the Inception features of EVERY example of `split` (no dropped batch).
+
+  Cached in `ref_stats_path`; the pass over the split is itself resumable (`<cache>.partial.npz`).
+  """
+  path = ref_stats_path(config, split, net.protocol, eval_dir)
+  it = input_pipeline.create_eval_iterator(config, split, config.eval.inception_batch_size)
+  cached = metrics.load_statistics(path, net.protocol)
+  if cached is not None and cached[2] == it.num_examples:
+    logging.info('FID reference statistics of %s from %s.', split, path)
+    return cached[0], cached[1], cached[2], path
+  progress = _Progress(eval_dir, os.path.basename(path))
+  name = os.path.basename(path)[:-len('.npz')] + '.partial'
+  state = progress.load(name)
+  acc, done = None, 0
+  if state is not None:
+    done = int(state.pop('batches_done'))
+    acc = metrics.FeatureStatsAccumulator.from_state_dict(state)
+    logging.info('FID reference statistics of %s: resuming after %d of %d batches.', split, done, len(it))
+  for b, batch in enumerate(it):
+    if b < done:
+      continue
+    features, _ = _feature_batch(net, images_lib.to_uint8(batch['image']), batch['mask'], mesh, False)
+    acc = acc or metrics.FeatureStatsAccumulator(features.shape[1])
+    acc.update(features)
+    progress.save(name, {**acc.state_dict(), 'batches_done': np.asarray(b + 1, np.int64)}, force=b + 1 == len(it))
+    logging.info('FID reference statistics of %s: batch %d/%d', split, b + 1, len(it))
+  mu, sigma = acc.finalize()
+  if jax.process_index() == 0:
+    metrics.save_statistics(path, mu, sigma, acc.count, net.protocol)
+    os.remove(progress.path(name))
+  return mu, sigma, acc.count, path
+
+
+def sample_features(config: ml_collections.ConfigDict, model, diffusion: diffusion_lib.Diffusion,
+                    mesh: jax.sharding.Mesh, params: Any, net,
+                    progress: _Progress) -> Tuple[metrics.FeatureStatsAccumulator, Optional[np.ndarray]]:
+  """Draws `eval.num_samples` samples (config.sample's sampler, batches of sample.batch_size, batch i with key
+  fold_in(sample stream, i) as `--mode=sample`), quantised to uint8 like saved samples, and accumulates their
+  Inception features (plus logits for IS). Resumes from the saved accumulator; logits are kept per batch."""
+  num, batch = config.eval.num_samples, config.sample.batch_size
+  num_batches = -(-num // batch)
+  with_logits = getattr(net, 'logits', None) is not None
+  state = progress.load('samples')
+  acc, done = None, 0
+  if state is not None:
+    done = int(state.pop('batches_done'))
+    acc = metrics.FeatureStatsAccumulator.from_state_dict(state)
+    logging.info('FID samples: resuming after %d of %d batches.', done, num_batches)
+  if done < num_batches:
+    sample_fn = sampling.make_sample_fn(config, model, diffusion, mesh, batch)
+    labels_all = sampling.sample_labels(config, num)
+    base_rng = train_state_lib.random_streams(config.seed)['sample']
+    start = time.time()
+    for i in range(done, num_batches):
+      labels = None if labels_all is None else np.resize(labels_all[i * batch:(i + 1) * batch], batch)
+      images = sampling.generate(sample_fn, params, jax.random.fold_in(base_rng, i), labels, mesh, batch)
+      images = images[:min(batch, num - i * batch)]
+      features, logits = _features_of(net, images, mesh, config.eval.inception_batch_size, with_logits)
+      acc = acc or metrics.FeatureStatsAccumulator(features.shape[1])
+      acc.update(features)
+      if with_logits and jax.process_index() == 0:
+        path = os.path.join(progress.directory, f'logits_{i}.npy')
+        _atomic_write(path, lambda tmp, lg=logits: np.save(tmp, lg))
+      progress.save('samples', {**acc.state_dict(), 'batches_done': np.asarray(i + 1, np.int64)},
+                    force=i + 1 == num_batches)
+      logging.info('FID samples: batch %d/%d (%.1fs)', i + 1, num_batches, time.time() - start)
+  logits = None
+  if with_logits:
+    logits = np.concatenate([np.load(os.path.join(progress.directory, f'logits_{i}.npy'))
+                             for i in range(num_batches)])
+  return acc, logits
+
+
+def compute_fid(config: ml_collections.ConfigDict, model, diffusion: diffusion_lib.Diffusion,
+                mesh: jax.sharding.Mesh, params: Any, net, eval_dir: str,
+                progress: _Progress) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """FID against the train and eval splits and the Inception Score; returns (results, protocol entries)."""
+  refs = {}
+  for key, split in (('fid_train', config.data.train_split), ('fid_test', config.data.eval_split)):
+    refs[key] = reference_statistics(config, split, net, eval_dir, mesh)
+    refs[key] = refs[key] + (split,)
+  acc, logits = sample_features(config, model, diffusion, mesh, params, net, progress)
+  mu, sigma = acc.finalize()
+  num = acc.count
+  results: Dict[str, Any] = {'num_samples': num}
+  for key, (ref_mu, ref_sigma, _, _, _) in refs.items():
+    results[key] = metrics.frechet_distance(mu, sigma, ref_mu, ref_sigma)
+  results[metrics.metric_name('fid', num)] = results['fid_train']
+  if num != metrics.PROTOCOL_NUM_SAMPLES:
+    results[metrics.metric_name('fid_test', num)] = results['fid_test']
+  if logits is not None and len(logits) >= 10:
+    results['inception_score'], results['inception_score_std'] = metrics.inception_score(logits, splits=10)
+  else:
+    results['inception_score'] = None
+    results['inception_score_unavailable'] = (getattr(net, 'is_unavailable_reason', None)
+                                              or 'the Inception network has no classifier' if logits is None
+                                              else f'{len(logits)} samples: need >= 10 (10 splits)')
+  protocol = {
+      'num_samples': num,
+      'inception_weights_sha256': net.protocol.get('weights_sha256'),
+      'resize': net.protocol.get('resize'),
+      'reference': {key: {'split': split, 'num_examples': count, 'statistics_file': os.path.basename(path)}
+                    for key, (_, _, count, path, split) in refs.items()},
+      'fid_key': ('fid / fid@N = fid_train: FID against the train split (Ho et al. 2020, Table 1); fid@N marks '
+                  f'N != {metrics.PROTOCOL_NUM_SAMPLES} samples'),
+      'samples': ('uint8 NHWC round((x + 1) * 127.5) of the final sample (no noise added at t = 0), as saved by '
+                  '--mode=sample; the same seeds as --mode=sample'),
+      'statistics': 'float64 mean and unbiased covariance of pool3; Frechet distance with scipy sqrtm (TTUR)',
+      'inception_score_splits': 10,
+      'inception': {k: v for k, v in net.protocol.items() if k != 'weights_path'},
+  }
+  return results, protocol
+
+
+# ------------------------------------------------------------------------------------------------- driver
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, *, inception: Any = None) -> Dict[str, Any]:
+  """`--mode=eval`: evaluates the EMA parameters of checkpoint `config.eval.step` (None = latest).
+
+  Args:
+    config: the experiment config (`eval`, `sample`, `data`, `model`, `diffusion` sections).
+    workdir: the run directory; results go to `<workdir>/eval/step_<N>.json` and TensorBoard.
+    inception: the FID network (`.features`, `.logits`, `.protocol`); None = `load_fid_network(config)`.
+
+  Returns:
+    The dict written to the json file.
+
+  Raises:
+    FIDNetworkUnavailableError: FID is on and the Inception weights are missing (before anything is computed).
+  """
+  cfg = config.eval
+  net = None
+  if cfg.fid:
+    if cfg.num_samples < 2:
+      raise config_validation.ConfigError(f'config.eval.num_samples={cfg.num_samples} is invalid: FID needs >= 2')
+    net = inception if inception is not None else load_fid_network(config)  # fail fast, before any sampling
+  step, _, ema_params = checkpointing.restore_inference_params(workdir, cfg.step)
+  eval_dir = os.path.join(workdir, 'eval')
+  progress = _Progress(os.path.join(eval_dir, f'step_{step}.progress'), _fingerprint(config, step))
+  mesh = sharding.create_mesh()
+  params = jax.device_put(ema_params, sharding.replicated(mesh))
+  model = models.create_model(config)
+  diffusion = diffusion_lib.from_config(config.diffusion)
+
+  results: Dict[str, Any] = {'step': step}
+  protocol: Dict[str, Any] = {'params': 'EMA', 'ema_decay': config.training.ema_decay, 'checkpoint_step': step,
+                              'seed': config.seed}
+  if cfg.bpd:
+    results.update(compute_bpd(config, model, diffusion, mesh, params, progress))
+    protocol['bpd'] = BPD_DEFINITION
+    protocol['bpd_details'] = {
+        'split': config.data.eval_split, 'num_examples': results['bpd_terms']['num_examples'],
+        'batch_size': cfg.bpd_batch_size, 'clip_denoised': True, 'num_timesteps': diffusion.num_timesteps,
+        'noise': f'fresh per timestep and batch: fold_in(fold_in(fold_in(key(seed), {BPD_STREAM}), batch), t)',
+        'labels': 'true labels (conditional bound)' if config.model.num_classes else None,
+        'rate_distortion': 'Ho et al. 2020 Sec. 4.3: rate = L_T + sum_{k>=t} L_k, distortion = sum_{k<t} L_k; '
+                           'rmse of x0_hat(x_t) on [0, 255]'}
+  if net is not None:
+    fid_results, fid_protocol = compute_fid(config, model, diffusion, mesh, params, net, eval_dir, progress)
+    results.update(fid_results)
+    protocol.update(fid_protocol)
+    s = config.sample
+    protocol['sampler'] = {'method': s.method, 'respacing': s.respacing, 'eta': s.eta,
+                           'clip_denoised': s.clip_denoised, 'guidance_scale': s.guidance_scale,
+                           'class_label': s.class_label, 'batch_size': s.batch_size,
+                           'num_timesteps': diffusion.num_timesteps}
+  results['protocol'] = protocol
+
+  path = os.path.join(eval_dir, f'step_{step}.json')
+  if jax.process_index() == 0:
+    def write(tmp):
+      with open(tmp, 'w') as f:
+        json.dump(results, f, indent=2)
+    _atomic_write(path, write)
+  scalars = {f'eval/{k}': v for k, v in results.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and k != 'step'}
+  if cfg.bpd:
+    scalars['eval/bpd_prior'] = results['bpd_terms']['prior']
+    scalars['eval/bpd_decoder'] = results['bpd_terms']['decoder']
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer.write_scalars(step, scalars)
+  writer.flush()
+  progress.clear()
+  logging.info('Evaluation of step %d written to %s: %s', step, path, scalars)
+  return results

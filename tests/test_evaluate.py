@@ -1,0 +1,287 @@
+"""`--mode=eval` (ddpm_jax.evaluate): bits/dim against a direct computation, its terms and rate-distortion
+(Ho et al. 2020, eq. 5, Sec. 4.3), FID/IS orchestration with a small fake feature network and with the real
+Inception weights, exact resume after interruptions in every phase, and failing fast without Inception weights."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import test as test_config
+from ddpm_jax import checkpointing
+from ddpm_jax import config_validation
+from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import evaluate
+from ddpm_jax import images as images_lib
+from ddpm_jax import input_pipeline
+from ddpm_jax import likelihood
+from ddpm_jax import models
+from ddpm_jax import sampling
+from ddpm_jax.evaluation import metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MOCK_EXAMPLES = 20  # eval batches of 8: 8 + 8 + 4 real examples, the last batch padded with 4 masked ones
+STEP = 2
+
+
+@pytest.fixture(autouse=True)
+def mock_data():
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    yield
+
+
+def make_config(fid=False, **overrides):
+  config = test_config.get_config()
+  config.eval.fid = fid
+  config.eval.bpd_batch_size = 8
+  config.eval.num_samples = 12  # not a multiple of the sample batch: the last batch is trimmed
+  config.eval.inception_batch_size = 8
+  config.sample.batch_size = 8
+  for key, value in overrides.items():
+    section, field = key.split('__')
+    config[section][field] = value
+  return config
+
+
+@pytest.fixture(scope='module')
+def params():
+  """Random init (zero last conv) and an EMA that differs from it, so a model that uses the wrong one shows."""
+  model = models.create_model(test_config.get_config())
+  raw = models.init_params(model, jax.random.key(0))
+  leaves, treedef = jax.tree.flatten(raw)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  ema = treedef.unflatten([x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+  return jax.device_get(raw), jax.device_get(ema)
+
+
+def save_checkpoint(workdir, params):
+  checkpointing.save_inference_checkpoint(str(workdir), STEP, params[0], params[1])
+  return str(workdir)
+
+
+def read_json(workdir):
+  with open(os.path.join(workdir, 'eval', f'step_{STEP}.json')) as f:
+    return json.load(f)
+
+
+class FakeInception:
+  """An 8-d random projection of the pixels as 'features' and a 10-way linear classifier as 'logits'."""
+
+  protocol = {'weights_sha256': 'fake', 'resize': 'none', 'input_range': '[0, 255] / 255',
+              'feature_layer': 'random projection'}
+
+  def __init__(self, dim=8, classes=10):
+    rng = np.random.default_rng(0)
+    self.proj = jnp.asarray(rng.standard_normal((32 * 32 * 3, dim)) / 32, jnp.float32)
+    self.head = jnp.asarray(rng.standard_normal((dim, classes)), jnp.float32)
+    self.calls = 0
+    self.logits = self._logits
+
+  def features(self, images):
+    assert images.dtype == np.uint8 and images.shape[1:] == (32, 32, 3)
+    self.calls += 1
+    x = jnp.asarray(images, jnp.float32).reshape(images.shape[0], -1) / 255.0
+    return jnp.dot(x, self.proj, precision=jax.lax.Precision.HIGHEST)
+
+  def _logits(self, images):
+    return jnp.dot(self.features(images), self.head, precision=jax.lax.Precision.HIGHEST)
+
+
+def split_images(config, split):
+  """Every example of `split` as uint8, read as the reference statistics must (no dropped batch)."""
+  it = input_pipeline.create_eval_iterator(config, split, 8)
+  return np.concatenate([images_lib.to_uint8(b['image'])[np.asarray(b['mask'], bool)] for b in it])
+
+
+# ---------------------------------------------------------------------------------------------- bits/dim
+
+
+def test_bpd_terms_rate_distortion_and_direct_computation(tmp_path, params):
+  config = make_config()
+  workdir = save_checkpoint(tmp_path, params)
+  results = evaluate.evaluate(config, workdir)
+  assert read_json(workdir) == json.loads(json.dumps(results))
+  assert not os.path.exists(os.path.join(workdir, 'eval', f'step_{STEP}.progress'))
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
+
+  terms = results['bpd_terms']
+  num_t = config.diffusion.num_timesteps
+  assert terms['num_examples'] == MOCK_EXAMPLES and terms['split'] == 'test'
+  assert len(terms['vb']) == len(terms['xstart_mse']) == len(terms['eps_mse']) == num_t
+  bpd = results['bpd']
+  assert np.isfinite(bpd) and bpd > 0
+  # The bound is the sum of its terms: L_T + sum_t L_{t-1} + L_0 (eq. 5).
+  assert terms['decoder'] == terms['vb'][0]
+  np.testing.assert_allclose(bpd, terms['prior'] + np.sum(terms['vb']), rtol=1e-5)
+  assert 0 < terms['prior'] < 1 and all(v >= 0 for v in terms['vb'][1:])
+  # Rate + distortion = the whole bound at every t; t = 1 is Table 4's split into L_1..L_T and L_0.
+  rd = results['rate_distortion']
+  assert [r['t'] for r in rd][0] == 1 and rd[-1]['t'] == num_t
+  for r in rd:
+    np.testing.assert_allclose(r['rate_bpd'] + r['distortion_bpd'], bpd, rtol=1e-5)
+    assert r['rmse'] > 0
+  np.testing.assert_allclose(rd[0]['distortion_bpd'], terms['decoder'], rtol=1e-12)
+  np.testing.assert_allclose(rd[-1]['rate_bpd'], terms['prior'], rtol=1e-12)
+  assert results['protocol']['bpd'] == evaluate.BPD_DEFINITION
+  assert results['protocol']['params'] == 'EMA' and 'fid_train' not in results
+
+  # Direct computation: calc_bpd_loop on each batch (key fold_in(bpd_key, b)), real examples only, EMA params.
+  model = models.create_model(config)
+  diffusion = diffusion_lib.from_config(config.diffusion)
+
+  @jax.jit
+  def direct(p, x, rng):
+    return likelihood.calc_bpd_loop(diffusion, lambda x_t, t: model.apply({'params': p}, x_t, t, train=False),
+                                    x, rng)['total_bpd']
+
+  def mean_bpd(p):
+    values = []
+    for b, batch in enumerate(input_pipeline.create_eval_iterator(config, 'test', 8)):
+      out = np.asarray(direct(p, jnp.asarray(batch['image']), jax.random.fold_in(evaluate.bpd_key(config.seed), b)))
+      values.append(out[np.asarray(batch['mask'], bool)])
+    return np.concatenate(values).mean()
+
+  np.testing.assert_allclose(bpd, mean_bpd(params[1]), rtol=1e-5)
+  assert abs(mean_bpd(params[0]) - bpd) > 1e-3  # the raw params give another number: EMA is what is evaluated
+
+
+# ------------------------------------------------------------------------------------- FID/IS and resume
+
+
+class Interrupt(Exception):
+  pass
+
+
+def interrupt_after(monkeypatch, module, name, calls_allowed, counter):
+  original = getattr(module, name)
+
+  def wrapped(*args, **kwargs):
+    if counter['n'] >= calls_allowed:
+      raise Interrupt(name)
+    counter['n'] += 1
+    return original(*args, **kwargs)
+  monkeypatch.setattr(module, name, wrapped)
+
+
+def test_fid_orchestration_and_exact_resume(tmp_path, params, monkeypatch):
+  config = make_config(fid=True)
+  reference_dir = save_checkpoint(tmp_path / 'uninterrupted', params)
+  expected = evaluate.evaluate(config, reference_dir, inception=FakeInception())
+
+  # The numbers, recomputed independently: samples as --mode=sample draws them, statistics of whole splits.
+  net = FakeInception()
+  sample_config = make_config(fid=True, sample__num_samples=12)
+  out_dir = sampling.sample_and_export(sample_config, reference_dir)
+  with np.load(os.path.join(out_dir, 'samples.npz')) as z:
+    samples = z['images']
+  mu, sigma = metrics.feature_statistics(np.asarray(net.features(samples)))
+  for key, split in (('fid_train', 'train'), ('fid_test', 'test')):
+    ref_mu, ref_sigma = metrics.feature_statistics(np.asarray(net.features(split_images(config, split))))
+    np.testing.assert_allclose(expected[key], metrics.frechet_distance(mu, sigma, ref_mu, ref_sigma), rtol=1e-6)
+    assert expected['protocol']['reference'][key]['num_examples'] == MOCK_EXAMPLES
+  is_mean, is_std = metrics.inception_score(np.asarray(net.logits(samples)), splits=10)
+  np.testing.assert_allclose([expected['inception_score'], expected['inception_score_std']], [is_mean, is_std],
+                             rtol=1e-6)
+  assert expected['num_samples'] == 12 and expected['fid@12'] == expected['fid_train']
+  assert expected['fid_test@12'] == expected['fid_test'] and 'fid' not in expected
+  protocol = expected['protocol']
+  assert protocol['inception_weights_sha256'] == 'fake' and protocol['num_samples'] == 12
+  assert protocol['sampler']['method'] == 'ancestral' and protocol['params'] == 'EMA'
+  cached = sorted(f for f in os.listdir(os.path.join(reference_dir, 'eval')) if f.startswith('ref_stats_'))
+  assert len(cached) == 2 and cached[0].startswith('ref_stats_cifar10_test_') and cached[1].endswith('.npz')
+
+  # Interrupted in every phase (bits/dim, reference statistics, sample features, sampling), then resumed: each
+  # run does only what the previous ones left (3 bpd batches, 3 + 3 reference batches, 2 sample batches).
+  workdir = save_checkpoint(tmp_path / 'resumed', params)
+  monkeypatch.setattr(evaluate, 'PROGRESS_SAVE_SECONDS', 0.0)
+  targets = {'_bpd_batch': evaluate, '_feature_batch': evaluate, 'generate': sampling}
+  runs = [('_bpd_batch', 2), ('_feature_batch', 1), ('generate', 1), (None, None)]
+  done = []
+  for interrupted, allowed in runs:
+    with monkeypatch.context() as m:
+      counts = {name: {'n': 0} for name in targets}
+      for name, module in targets.items():
+        interrupt_after(m, module, name, allowed if name == interrupted else 10 ** 6, counts[name])
+      if interrupted is None:
+        resumed = evaluate.evaluate(config, workdir, inception=FakeInception())
+      else:
+        with pytest.raises(Interrupt):
+          evaluate.evaluate(config, workdir, inception=FakeInception())
+      done.append(tuple(counts[name]['n'] for name in targets))
+  # (bpd batches, feature batches, sample batches) per run; the third: 2 train + 3 test reference batches and the
+  # first sample batch; the last: the second sample batch only (reference statistics from the cache).
+  assert done == [(2, 0, 0), (1, 1, 0), (0, 6, 1), (0, 1, 1)]
+  assert read_json(workdir) == read_json(reference_dir) == json.loads(json.dumps(expected))
+  assert resumed == expected
+  assert not os.path.exists(os.path.join(workdir, 'eval', f'step_{STEP}.progress'))
+  assert not [f for f in os.listdir(os.path.join(workdir, 'eval')) if 'partial' in f]
+
+  # Cached reference statistics are reused by the next evaluation.
+  counts = {'n': 0}
+  interrupt_after(monkeypatch, evaluate, '_feature_batch', 10 ** 6, counts)
+  evaluate.evaluate(make_config(fid=True, eval__bpd=False), workdir, inception=FakeInception())
+  assert counts['n'] == 2  # the two sample batches only
+
+
+def test_missing_inception_weights_fail_fast(tmp_path, monkeypatch):
+  config = make_config(fid=True, eval__inception_weights=str(tmp_path / 'missing.pt'))
+
+  def must_not_run(*args, **kwargs):
+    raise AssertionError('evaluation started without Inception weights')
+  for module, name in ((checkpointing, 'restore_inference_params'), (sampling, 'make_sample_fn'),
+                       (evaluate, 'compute_bpd')):
+    monkeypatch.setattr(module, name, must_not_run)
+  with pytest.raises(evaluate.FIDNetworkUnavailableError) as info:
+    evaluate.evaluate(config, str(tmp_path))
+  assert isinstance(info.value, config_validation.UserError)
+  assert '\n' not in str(info.value) and 'missing.pt' in str(info.value)
+
+  # main.py prints it as one line and exits 2, before touching the (absent) checkpoint.
+  proc = subprocess.run(
+      [sys.executable, 'main.py', '--mode=eval', '--config=configs/test.py', f'--workdir={tmp_path / "run"}',
+       f'--config.eval.inception_weights={tmp_path / "missing.pt"}'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('ddpm_jax: error:') and 'missing.pt' in last and 'eval.fid=False' in last
+
+
+def test_fid_with_real_inception_weights(tmp_path, params, monkeypatch):
+  """The real FID network end to end on 8 + 8 reference images and 8 samples. The Fréchet distance itself (scipy
+  sqrtm of 2048x2048, about a minute per call on 2 CPU cores; tested in test_fid.py) is recorded, not run."""
+  from ddpm_jax import evaluation
+  calls = []
+
+  def recording_frechet_distance(mu1, sigma1, mu2, sigma2):
+    calls.append((mu1, sigma1, mu2, sigma2))
+    return float(np.sum((mu1 - mu2) ** 2))
+  monkeypatch.setattr(metrics, 'frechet_distance', recording_frechet_distance)
+  config = make_config(fid=True, eval__bpd=False, eval__num_samples=8)
+  workdir = save_checkpoint(tmp_path, params)
+  with tfds.testing.mock_data(num_examples=8):
+    results = evaluate.evaluate(config, workdir)
+    train_images = split_images(config, 'train')
+  net = evaluation.load_inception()
+  out_dir = sampling.sample_and_export(make_config(sample__num_samples=8), workdir)
+  with np.load(os.path.join(out_dir, 'samples.npz')) as z:
+    samples = z['images']
+  sample_stats = metrics.feature_statistics(np.asarray(net.features(samples)))
+  train_stats = metrics.feature_statistics(np.asarray(net.features(train_images)))
+
+  assert len(calls) == 2  # fid_train, fid_test
+  mu, sigma, ref_mu, ref_sigma = calls[0]
+  np.testing.assert_allclose(mu, sample_stats[0], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(sigma, sample_stats[1], rtol=1e-3, atol=1e-6)
+  np.testing.assert_allclose(ref_mu, train_stats[0], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(ref_sigma, train_stats[1], rtol=1e-3, atol=1e-6)
+  assert results['fid@8'] == results['fid_train'] and results['num_samples'] == 8
+  assert results['inception_score'] is None and 'classifier' in results['inception_score_unavailable']
+  protocol = results['protocol']
+  assert protocol['inception_weights_sha256'] == net.protocol['weights_sha256']
+  assert protocol['resize'] == 'tf_bilinear_legacy' and protocol['reference']['fid_train']['num_examples'] == 8
