@@ -24,6 +24,7 @@ The human-readable lines go first; the LAST line of stdout is one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -93,8 +94,31 @@ def _pca(x: np.ndarray, dims: int) -> Callable[[np.ndarray], np.ndarray]:
   return lambda z: (z - mean) @ basis
 
 
+def _one_blas_thread():
+  """One BLAS thread also when NumPy was loaded before this module (e.g. under pytest): on a shared CPU the
+  multi-threaded SVD/matmuls of these tiny problems run several times slower than single-threaded."""
+  try:
+    from threadpoolctl import threadpool_limits  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return contextlib.nullcontext()
+  return threadpool_limits(limits=1, user_api='blas')
+
+
+def _single_threaded(fn):
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with _one_blas_thread():
+      return fn(*args, **kwargs)
+  return wrapped
+
+
 def train_classifier(images: np.ndarray, labels: np.ndarray, method: str = 'mlp', seed: int = 0) -> Predictor:
   """Fits `method` on (N, H, W, C) images in [-1, 1]; returns predict(images) -> (M,) int labels."""
+  with _one_blas_thread():
+    return _single_threaded(_train_classifier(images, labels, method, seed))
+
+
+def _train_classifier(images: np.ndarray, labels: np.ndarray, method: str, seed: int) -> Predictor:
   if method not in CLASSIFIERS:
     raise ValueError(f'--classifier={method!r} is not one of {list(CLASSIFIERS)}')
   x, y = _flat(images), np.asarray(labels, np.int64)

@@ -35,17 +35,22 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', 'configs/cifar10.py', 'Path to an ml_collections config file.')
-flags.DEFINE_integer('batch_size', None, 'Global batch size (default: config.training.batch_size).')
-flags.DEFINE_integer('steps', 10, 'Timed calls of each program (the median is reported).')
-flags.DEFINE_integer('warmup', 2, 'Untimed calls after compilation.')
-flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Activation dtype (default: config.model.dtype).')
-flags.DEFINE_bool('forward', True, 'Also time the jitted model forward.')
-flags.DEFINE_bool('train', True, 'Time the train step.')
-flags.DEFINE_bool('breakdown', False, 'Also time the sub-blocks of the U-Net (forward and forward+backward) and '
-                  'attribute the network time to conv / GroupNorm / attention / other.')
-flags.DEFINE_float('peak_tflops', None, 'Peak dense TFLOP/s of ONE device at the compute dtype, for `mfu` when '
-                   'the device is not in the built-in table (e.g. a CPU).')
+
+
+def define_flags() -> None:
+  """Command-line flags (defined only when run as a script, so that the helpers below can be imported)."""
+  config_flags.DEFINE_config_file('config', 'configs/cifar10.py', 'Path to an ml_collections config file.')
+  flags.DEFINE_integer('batch_size', None, 'Global batch size (default: config.training.batch_size).')
+  flags.DEFINE_integer('steps', 10, 'Timed calls of each program (the median is reported).')
+  flags.DEFINE_integer('warmup', 2, 'Untimed calls after compilation.')
+  flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Activation dtype (default: config.model.dtype).')
+  flags.DEFINE_bool('forward', True, 'Also time the jitted model forward.')
+  flags.DEFINE_bool('train', True, 'Time the train step.')
+  flags.DEFINE_bool('breakdown', False, 'Also time the sub-blocks of the U-Net (forward and forward+backward) and '
+                    'attribute the network time to conv / GroupNorm / attention / other.')
+  flags.DEFINE_float('peak_tflops', None, 'Peak dense TFLOP/s of ONE device at the compute dtype, for `mfu` when '
+                     'the device is not in the built-in table (e.g. a CPU).')
+
 
 # Dense peak TFLOP/s per device (vendor datasheets). float32 on NVIDIA GPUs: XLA's default matmul/conv precision
 # uses TF32 tensor cores, so the TF32 peak is the honest denominator.
@@ -344,7 +349,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = FLAGS.config
-  config.unlock() if hasattr(config, 'unlock') else None
   if FLAGS.dtype:
     config.model.dtype = FLAGS.dtype
   batch_size = FLAGS.batch_size or config.training.batch_size
@@ -378,4 +382,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -24,11 +24,11 @@ def get_config():
   config.model.dropout = 0.0
 
   config.training.batch_size = 32
-  config.training.num_steps = 3000
+  config.training.num_steps = 1500
   config.training.ema_decay = 0.995
   config.training.log_every = 100
   config.training.checkpoint_every = 500
-  config.training.sample_every = 3000
+  config.training.sample_every = 1500
   config.training.steps_per_call = 10
 
   config.optim.lr = 1e-3

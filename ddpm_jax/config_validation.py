@@ -166,6 +166,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   if num_classes:
     _require(isinstance(label, int) and -1 <= label < num_classes, 'sample.class_label', label,
              f'must be -1 (every class) or a class in [0, {num_classes})')
+    _require(config.sample.guidance_scale == 0.0 or config.training.label_dropout > 0, 'sample.guidance_scale',
+             config.sample.guidance_scale,
+             'needs training.label_dropout > 0 (otherwise the null-class embedding is never trained)')
   else:
     _require(config.sample.guidance_scale == 0.0, 'sample.guidance_scale', config.sample.guidance_scale,
              'must be 0 for an unconditional model (model.num_classes=0)')

@@ -357,12 +357,14 @@ def sample_features(config: ml_collections.ConfigDict, model, diffusion: diffusi
     sample_fn = sampling.make_sample_fn(config, model, diffusion, mesh, batch)
     labels_all = sampling.sample_labels(config, num)
     base_rng = train_state_lib.random_streams(config.seed)['sample']
+    # Inception chunks no larger than a sample batch: a small sample batch is not padded to a large chunk.
+    chunk = min(config.eval.inception_batch_size, batch)
     start = time.time()
     for i in range(done, num_batches):
       labels = None if labels_all is None else np.resize(labels_all[i * batch:(i + 1) * batch], batch)
       images = sampling.generate(sample_fn, params, jax.random.fold_in(base_rng, i), labels, mesh, batch)
       images = images[:min(batch, num - i * batch)]
-      features, logits = _features_of(net, images, mesh, config.eval.inception_batch_size, with_logits)
+      features, logits = _features_of(net, images, mesh, chunk, with_logits)
       acc = acc or metrics.FeatureStatsAccumulator(features.shape[1])
       acc.update(features)
       if with_logits and jax.process_index() == 0:

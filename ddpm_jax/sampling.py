@@ -42,6 +42,22 @@ def sample_labels(config: ml_collections.ConfigDict, num: int) -> Optional[np.nd
   return (np.arange(num) * num_classes // num).astype(np.int32)
 
 
+def grid_layout(config: ml_collections.ConfigDict, samples: np.ndarray,
+                labels: Optional[np.ndarray]) -> tuple[np.ndarray, Optional[int]]:
+  """(images to show, columns): one class per row when every class was sampled in turn, else a square grid.
+
+  Rows hold the same number of samples of each class (the smallest class count, at most 40), so a sample count
+  that is not a multiple of `num_classes` still gives one class per row.
+  """
+  if labels is None or config.sample.class_label >= 0:
+    return samples[:400], None
+  labels = np.asarray(labels[:len(samples)])
+  present = np.unique(labels)
+  per_row = int(max(1, min(np.bincount(labels, minlength=config.model.num_classes)[present].min(), 40)))
+  index = np.concatenate([np.flatnonzero(labels == c)[:per_row] for c in present])
+  return samples[index], per_row
+
+
 def make_sample_fn(config: ml_collections.ConfigDict, model, diffusion: diffusion_lib.Diffusion,
                    mesh: jax.sharding.Mesh, num: int) -> Callable[[Any, jax.Array, Optional[jax.Array]], jax.Array]:
   """A jitted `(params, rng, labels) -> images in [-1, 1]` drawing `num` samples sharded over the mesh.
@@ -111,9 +127,7 @@ def sample_and_export(config: ml_collections.ConfigDict, workdir: str) -> str:
     if labels_all is not None:
       arrays['labels'] = labels_all
     np.savez(os.path.join(out_dir, 'samples.npz'), **arrays)
-    ncol = None
-    if labels_all is not None and config.sample.class_label < 0:
-      ncol = max(1, len(samples) // config.model.num_classes)
-    images_lib.save_png(images_lib.make_grid(samples[:400], ncol=ncol), os.path.join(out_dir, 'grid.png'))
+    shown, ncol = grid_layout(config, samples, labels_all)
+    images_lib.save_png(images_lib.make_grid(shown, ncol=ncol), os.path.join(out_dir, 'grid.png'))
     logging.info('wrote %d samples from step %d to %s', len(samples), step, out_dir)
   return out_dir

@@ -231,10 +231,7 @@ def _write_sample_grid(config, trainer: Trainer, sample_fn, writer, workdir: str
   rng = jax.random.fold_in(trainer.streams['sample'], step)
   samples = sampling.generate(sample_fn, trainer.host_state().ema_params, rng, labels, trainer.mesh,
                               config.sample.batch_size)
-  ncol = None
-  if labels is not None and config.sample.class_label < 0:
-    ncol = max(1, len(samples) // config.model.num_classes)
-  grid = images_lib.make_grid(samples, ncol=ncol)
+  grid = images_lib.make_grid(*sampling.grid_layout(config, samples, labels))
   if jax.process_index() == 0:
     images_lib.save_png(grid, os.path.join(workdir, 'samples', f'train_step_{step}.png'))
   writer.write_images(step, {'samples': grid[None]})

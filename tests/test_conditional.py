@@ -133,11 +133,12 @@ def test_guided_step_matches_manual_combination(method):
   guided_fn = samplers.classifier_free_guidance(_fake_eps, labels, NULL, w)
   np.testing.assert_allclose(guided_fn(x, t), manual_eps(x, t), rtol=1e-6, atol=1e-6)
   # A whole one-step sampler (respacing '1' keeps only t = 0) from the same x_T: guided model vs the manual eps.
-  run = functools.partial(samplers.sample, diffusion, shape=SHAPE, rng=jax.random.key(2), method=method,
-                          respacing='1', x_T=x)
-  np.testing.assert_allclose(run(guided_fn), run(manual_eps), rtol=1e-6, atol=1e-6)
-  assert np.abs(np.asarray(run(guided_fn)) - np.asarray(
-      run(lambda xx, tt: _fake_eps(xx, tt, labels)))).max() > 1e-3
+  def run(model_fn):
+    return np.asarray(jax.jit(lambda xx: samplers.sample(diffusion, model_fn, SHAPE, jax.random.key(2), method=method,
+                                                         respacing='1', x_T=xx))(x))
+  out_guided = run(guided_fn)
+  np.testing.assert_allclose(out_guided, run(manual_eps), rtol=1e-6, atol=1e-6)
+  assert np.abs(out_guided - run(lambda xx, tt: _fake_eps(xx, tt, labels))).max() > 1e-3
 
 
 class _FakeModel:
@@ -353,10 +354,8 @@ def test_label_dropout_rate_matches_config():
   assert np.std(dropped.mean(axis=1)) > 0
 
 
-def test_label_dropout_extremes_and_unconditional():
+def test_label_dropout_one_and_unconditional():
   labels = np.random.RandomState(1).randint(0, NUM_CLASSES, (2, 64))
-  seen = np.stack(_run_train_steps(NUM_CLASSES, 0.0, labels))
-  np.testing.assert_array_equal(seen, labels)  # no dropout: never the null label
   seen = np.stack(_run_train_steps(NUM_CLASSES, 1.0, labels))
   assert np.all(seen == NULL)
   # An unconditional model trained on a labelled dataset never sees the labels.

@@ -49,15 +49,27 @@ def make_config(fid=False, **overrides):
   return config
 
 
+def random_params(config, seed):
+  """Random U-Net parameters drawn in NumPy from the parameter shapes (no init compile): kernels N(0, 1/fan_in),
+  biases 0, norm scales 1, so the network's output is far from the zero of the original init."""
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, shape):
+    name = path[-1].key
+    if name == 'scale':
+      return np.ones(shape.shape, np.float32)
+    if name == 'bias':
+      return np.zeros(shape.shape, np.float32)
+    fan_in = max(1, int(np.prod(shape.shape[:-1])))
+    return (rng.standard_normal(shape.shape) / np.sqrt(fan_in)).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(leaf, models.param_shapes(models.create_model(config)))
+
+
 @pytest.fixture(scope='module')
 def params():
-  """Random init (zero last conv) and an EMA that differs from it, so a model that uses the wrong one shows."""
-  model = models.create_model(test_config.get_config())
-  raw = models.init_params(model, jax.random.key(0))
-  leaves, treedef = jax.tree.flatten(raw)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  ema = treedef.unflatten([x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
-  return jax.device_get(raw), jax.device_get(ema)
+  """(params, ema_params), different, so an evaluation of the wrong ones shows."""
+  config = test_config.get_config()
+  return random_params(config, 0), random_params(config, 1)
 
 
 def save_checkpoint(workdir, params):
@@ -79,7 +91,7 @@ class FakeInception:
   def __init__(self, dim=8, classes=10):
     rng = np.random.default_rng(0)
     self.proj = jnp.asarray(rng.standard_normal((32 * 32 * 3, dim)) / 32, jnp.float32)
-    self.head = jnp.asarray(rng.standard_normal((dim, classes)), jnp.float32)
+    self.head = jnp.asarray(5 * rng.standard_normal((dim, classes)), jnp.float32)
     self.calls = 0
     self.logits = self._logits
 
@@ -170,34 +182,46 @@ def interrupt_after(monkeypatch, module, name, calls_allowed, counter):
 
 
 def test_fid_orchestration_and_exact_resume(tmp_path, params, monkeypatch):
+  # TFDS mock splits hold the same examples (and ignore slices like 'train[:12]'): reading only the first 12 train
+  # examples makes the two references differ.
+  original_iterator = input_pipeline.create_eval_iterator
+
+  def iterator_with_short_train_split(config, split, global_batch_size, **kwargs):
+    return original_iterator(config, split, global_batch_size, **dict(kwargs, num_examples=12) if split == 'train'
+                             else kwargs)
+  monkeypatch.setattr(input_pipeline, 'create_eval_iterator', iterator_with_short_train_split)
   config = make_config(fid=True)
   reference_dir = save_checkpoint(tmp_path / 'uninterrupted', params)
   expected = evaluate.evaluate(config, reference_dir, inception=FakeInception())
 
   # The numbers, recomputed independently: samples as --mode=sample draws them, statistics of whole splits.
   net = FakeInception()
-  sample_config = make_config(fid=True, sample__num_samples=12)
+  sample_config = make_config(sample__num_samples=12)
   out_dir = sampling.sample_and_export(sample_config, reference_dir)
   with np.load(os.path.join(out_dir, 'samples.npz')) as z:
     samples = z['images']
   mu, sigma = metrics.feature_statistics(np.asarray(net.features(samples)))
-  for key, split in (('fid_train', 'train'), ('fid_test', 'test')):
+  for key, split, count in (('fid_train', 'train', 12), ('fid_test', 'test', MOCK_EXAMPLES)):
     ref_mu, ref_sigma = metrics.feature_statistics(np.asarray(net.features(split_images(config, split))))
     np.testing.assert_allclose(expected[key], metrics.frechet_distance(mu, sigma, ref_mu, ref_sigma), rtol=1e-6)
-    assert expected['protocol']['reference'][key]['num_examples'] == MOCK_EXAMPLES
+    assert expected['protocol']['reference'][key] == {
+        'split': split, 'num_examples': count, 'statistics_file': os.path.basename(
+            evaluate.ref_stats_path(config, split, net.protocol, os.path.join(reference_dir, 'eval')))}
+  assert abs(expected['fid_train'] - expected['fid_test']) > 1e-3
   is_mean, is_std = metrics.inception_score(np.asarray(net.logits(samples)), splits=10)
   np.testing.assert_allclose([expected['inception_score'], expected['inception_score_std']], [is_mean, is_std],
-                             rtol=1e-6)
+                             rtol=1e-5, atol=1e-6)
   assert expected['num_samples'] == 12 and expected['fid@12'] == expected['fid_train']
   assert expected['fid_test@12'] == expected['fid_test'] and 'fid' not in expected
   protocol = expected['protocol']
   assert protocol['inception_weights_sha256'] == 'fake' and protocol['num_samples'] == 12
   assert protocol['sampler']['method'] == 'ancestral' and protocol['params'] == 'EMA'
   cached = sorted(f for f in os.listdir(os.path.join(reference_dir, 'eval')) if f.startswith('ref_stats_'))
-  assert len(cached) == 2 and cached[0].startswith('ref_stats_cifar10_test_') and cached[1].endswith('.npz')
+  assert len(cached) == 2 and cached[0].startswith('ref_stats_cifar10_test_')
+  assert cached[1].startswith('ref_stats_cifar10_train_')
 
   # Interrupted in every phase (bits/dim, reference statistics, sample features, sampling), then resumed: each
-  # run does only what the previous ones left (3 bpd batches, 3 + 3 reference batches, 2 sample batches).
+  # run does only what the previous ones left (3 bpd batches, 2 + 3 reference batches, 2 sample batches).
   workdir = save_checkpoint(tmp_path / 'resumed', params)
   monkeypatch.setattr(evaluate, 'PROGRESS_SAVE_SECONDS', 0.0)
   targets = {'_bpd_batch': evaluate, '_feature_batch': evaluate, 'generate': sampling}
@@ -214,9 +238,9 @@ def test_fid_orchestration_and_exact_resume(tmp_path, params, monkeypatch):
         with pytest.raises(Interrupt):
           evaluate.evaluate(config, workdir, inception=FakeInception())
       done.append(tuple(counts[name]['n'] for name in targets))
-  # (bpd batches, feature batches, sample batches) per run; the third: 2 train + 3 test reference batches and the
+  # (bpd batches, feature batches, sample batches) per run; the third: 1 train + 3 test reference batches and the
   # first sample batch; the last: the second sample batch only (reference statistics from the cache).
-  assert done == [(2, 0, 0), (1, 1, 0), (0, 6, 1), (0, 1, 1)]
+  assert done == [(2, 0, 0), (1, 1, 0), (0, 5, 1), (0, 1, 1)]
   assert read_json(workdir) == read_json(reference_dir) == json.loads(json.dumps(expected))
   assert resumed == expected
   assert not os.path.exists(os.path.join(workdir, 'eval', f'step_{STEP}.progress'))

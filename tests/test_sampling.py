@@ -1,0 +1,70 @@
+"""`--mode=sample` (ddpm_jax.sampling.sample_and_export): deterministic in the seed, uint8 NHWC samples of the
+requested count (also when it is not a multiple of the batch), and the grid that goes with them."""
+
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import test as test_config
+from ddpm_jax import checkpointing
+from ddpm_jax import sampling
+from tests.test_evaluate import random_params
+
+STEP = 3
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  config = test_config.get_config()
+  path = str(tmp_path_factory.mktemp('sampling'))
+  checkpointing.save_inference_checkpoint(path, STEP, random_params(config, 0), random_params(config, 1))
+  return path
+
+
+def make_config(num_samples, batch_size=8, seed=0):
+  config = test_config.get_config()
+  config.sample.num_samples = num_samples
+  config.sample.batch_size = batch_size
+  config.seed = seed
+  return config
+
+
+def export(config, workdir):
+  out_dir = sampling.sample_and_export(config, workdir)
+  assert out_dir == os.path.join(workdir, 'samples', f'step_{STEP}')
+  with np.load(os.path.join(out_dir, 'samples.npz')) as z:
+    assert 'labels' not in z.files  # unconditional model
+    images = z['images']
+  with Image.open(os.path.join(out_dir, 'grid.png')) as grid:
+    return images, np.asarray(grid)
+
+
+def test_samples_are_deterministic_in_the_seed(workdir):
+  first, grid = export(make_config(12), workdir)
+  # 12 samples in batches of 8: the second batch is trimmed to 4.
+  assert first.dtype == np.uint8 and first.shape == (12, 32, 32, 3)
+  # make_grid: ceil(sqrt(12)) = 4 columns, 3 rows of 32 px with 2 px padding.
+  assert grid.shape == (3 * 34 + 2, 4 * 34 + 2, 3) and grid.dtype == np.uint8
+  np.testing.assert_array_equal(grid[2:34, 2:34], first[0])
+  again, _ = export(make_config(12), workdir)
+  np.testing.assert_array_equal(first, again)
+  other, _ = export(make_config(12, seed=1), workdir)
+  assert other.shape == first.shape and np.mean(other != first) > 0.5
+  # Sample i does not depend on the number of samples requested: batch i of 8 always has key fold_in(stream, i).
+  fewer, _ = export(make_config(5), workdir)
+  assert fewer.shape == (5, 32, 32, 3)
+  np.testing.assert_array_equal(fewer, first[:5])
+  assert len(np.unique(first.reshape(12, -1), axis=0)) == 12  # no two samples alike
+
+
+def test_samples_use_the_ema_params(workdir):
+  images, _ = export(make_config(8), workdir)
+  raw_dir = os.path.join(workdir, 'raw')
+  config = test_config.get_config()
+  # The same checkpoint with the EMA params swapped for the raw ones gives other samples.
+  checkpointing.save_inference_checkpoint(raw_dir, STEP, random_params(config, 1), random_params(config, 0))
+  swapped = sampling.sample_and_export(make_config(8), raw_dir)
+  with np.load(os.path.join(swapped, 'samples.npz')) as z:
+    assert np.mean(z['images'] != images) > 0.5
