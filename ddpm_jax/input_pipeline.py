@@ -63,6 +63,7 @@ from ddpm_jax.data import sources
 
 # Re-exported: callers catch `input_pipeline.DatasetNotPreparedError`; tests/benchmarks use `prepare_fake_cifar10`.
 DatasetNotPreparedError = sources.DatasetNotPreparedError
+DataConfigError = sources.DataConfigError
 prepare_fake_cifar10 = sources.prepare_fake_cifar10
 
 VALID_DATASETS = ('cifar10', 'celeb_a', 'celeb_a_hq', 'lsun/church_outdoor', 'lsun/bedroom', 'lsun/cat', 'mnist',
@@ -121,7 +122,7 @@ class DatasetInfo:
 def _spec(config) -> _Spec:
   name = config.data.dataset
   if name not in _SPECS:
-    raise ValueError(f'config.data.dataset={name!r} is not one of {list(VALID_DATASETS)}')
+    raise DataConfigError(f'config.data.dataset={name!r} is not one of {list(VALID_DATASETS)}')
   return _SPECS[name]
 
 
@@ -129,21 +130,21 @@ def _image_shape(config, spec: _Spec) -> tuple[int, int, int]:
   """Checks image_size / num_channels / pad_to against the dataset; returns the output (H, W, C)."""
   d = config.data
   if spec.channels and d.num_channels != spec.channels:
-    raise ValueError(f'config.data.num_channels={d.num_channels} but config.data.dataset={d.dataset!r} has '
+    raise DataConfigError(f'config.data.num_channels={d.num_channels} but config.data.dataset={d.dataset!r} has '
                      f'{spec.channels} channel(s)')
   if d.num_channels not in (1, 3):
-    raise ValueError(f'config.data.num_channels={d.num_channels} is not one of [1, 3]')
+    raise DataConfigError(f'config.data.num_channels={d.num_channels} is not one of [1, 3]')
   if d.image_size <= 0:
-    raise ValueError(f'config.data.image_size={d.image_size} must be positive')
+    raise DataConfigError(f'config.data.image_size={d.image_size} must be positive')
   if spec.preprocess == 'digits':
     side = d.pad_to or 28
     if d.pad_to and d.pad_to < 28:
-      raise ValueError(f'config.data.pad_to={d.pad_to} must be 0 or >= 28 (the digits are 28x28)')
+      raise DataConfigError(f'config.data.pad_to={d.pad_to} must be 0 or >= 28 (the digits are 28x28)')
     if d.image_size != side:
-      raise ValueError(f'config.data.image_size={d.image_size} does not match config.data.dataset={d.dataset!r} '
+      raise DataConfigError(f'config.data.image_size={d.image_size} does not match config.data.dataset={d.dataset!r} '
                        f'(28x28 digits padded to config.data.pad_to={d.pad_to}, i.e. {side})')
   elif d.pad_to:
-    raise ValueError(f'config.data.pad_to={d.pad_to} only applies to 28x28 digit datasets (mnist, fashion_mnist, '
+    raise DataConfigError(f'config.data.pad_to={d.pad_to} only applies to 28x28 digit datasets (mnist, fashion_mnist, '
                      f'mnist5k), not config.data.dataset={d.dataset!r}; set it to 0')
   return (d.image_size, d.image_size, d.num_channels)
 
@@ -155,11 +156,11 @@ def _check_labels(config, info: DatasetInfo) -> None:
   if not num_classes:
     return
   if not info.has_labels:
-    raise ValueError(f'config.model.num_classes={num_classes} (class-conditional) but config.data.dataset='
+    raise DataConfigError(f'config.model.num_classes={num_classes} (class-conditional) but config.data.dataset='
                      f'{info.name!r} has no labels (labelled: cifar10, mnist, fashion_mnist, mnist5k, folder with '
                      'class sub-directories); set config.model.num_classes=0')
   if num_classes != info.num_classes:
-    raise ValueError(f'config.model.num_classes={num_classes} but config.data.dataset={info.name!r} has '
+    raise DataConfigError(f'config.model.num_classes={num_classes} but config.data.dataset={info.name!r} has '
                      f'{info.num_classes} classes')
 
 
@@ -169,13 +170,13 @@ def _process_index_count(process_index: Optional[int], process_count: Optional[i
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} is not in [0, process_count={process_count})')
+    raise DataConfigError(f'process_index={process_index} is not in [0, process_count={process_count})')
   return process_index, process_count
 
 
 def _local_batch_size(global_batch_size: int, process_count: int, field: str) -> int:
   if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f'{field}={global_batch_size} must be a positive multiple of the number of processes '
+    raise DataConfigError(f'{field}={global_batch_size} must be a positive multiple of the number of processes '
                      f'({process_count})')
   return global_batch_size // process_count
 
@@ -401,10 +402,10 @@ def create_train_iterator(config, *, process_index: Optional[int] = None,
   local_batch = _local_batch_size(config.training.batch_size, process_count, 'config.training.batch_size')
   source, _ = _processed_source(config, config.data.train_split)
   if len(source) < process_count:
-    raise ValueError(f'config.data.train_split={config.data.train_split!r} has {len(source)} examples, fewer than '
+    raise DataConfigError(f'config.data.train_split={config.data.train_split!r} has {len(source)} examples, fewer than '
                      f'the {process_count} processes')
   if len(source) < config.training.batch_size:
-    raise ValueError(f'config.training.batch_size={config.training.batch_size} is larger than the '
+    raise DataConfigError(f'config.training.batch_size={config.training.batch_size} is larger than the '
                      f'{len(source)} examples of config.data.train_split={config.data.train_split!r}')
   ordered = _GlobalBatchOrder(source, data_seed(config), config.training.batch_size, process_index, process_count,
                               config.data.random_flip)
@@ -452,7 +453,7 @@ def create_eval_iterator(config, split: str, global_batch_size: int, *, process_
   source, _ = _processed_source(config, split)
   n = min(num_examples, len(source)) if num_examples > 0 else len(source)
   if n == 0:
-    raise ValueError(f'split {split!r} of config.data.dataset={config.data.dataset!r} is empty')
+    raise DataConfigError(f'split {split!r} of config.data.dataset={config.data.dataset!r} is empty')
   eval_source = _EvalSource(source, n, global_batch_size, local_batch, process_index)
   loader = grain.DataLoader(data_source=eval_source, sampler=grain.SequentialSampler(len(eval_source)),
                             operations=[grain.Batch(batch_size=local_batch, drop_remainder=False), _ToFloat()],

@@ -27,6 +27,8 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
+from ddpm_jax.config_validation import UserError
+
 MNIST5K_SPLITS = {'train': (0, 4500), 'test': (4500, 5000), 'all': (0, 5000)}
 FOLDER_SPLITS = ('train', 'all')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
@@ -34,7 +36,11 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 _NETWORK_PROBE = ('storage.googleapis.com', 443)
 
 
-class DatasetNotPreparedError(RuntimeError):
+class DataConfigError(UserError, ValueError):
+  """The data settings do not fit the dataset (name, split, path, sizes): one line naming the field."""
+
+
+class DatasetNotPreparedError(UserError, RuntimeError):
   """A TFDS dataset is not prepared and cannot be prepared on this machine."""
 
 
@@ -71,7 +77,7 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 def mnist5k_source(split: str) -> ArraySource:
   if split not in MNIST5K_SPLITS:
-    raise ValueError(f'split {split!r} of config.data.dataset=\'mnist5k\' is not one of {list(MNIST5K_SPLITS)}')
+    raise DataConfigError(f'split {split!r} of config.data.dataset=\'mnist5k\' is not one of {list(MNIST5K_SPLITS)}')
   images, labels = _mnist5k_arrays()
   start, stop = MNIST5K_SPLITS[split]
   return ArraySource('mnist5k', split, images[start:stop], labels[start:stop])
@@ -81,13 +87,13 @@ def mnist5k_source(split: str) -> ArraySource:
 def scan_folder(path: str) -> tuple[tuple[str, ...], Optional[tuple[int, ...]], tuple[str, ...]]:
   """Sorted image files under `path`, their labels (None when unlabelled) and the class names."""
   if not path or not os.path.isdir(path):
-    raise ValueError(f'config.data.path={path!r} is not a directory (needed by config.data.dataset=\'folder\')')
+    raise DataConfigError(f'config.data.path={path!r} is not a directory (needed by config.data.dataset=\'folder\')')
   files = []
   for root, dirs, names in os.walk(path, followlinks=True):
     dirs.sort()
     files.extend(os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS))
   if not files:
-    raise ValueError(f'config.data.path={path!r} contains no {"/".join(IMAGE_EXTENSIONS)} images')
+    raise DataConfigError(f'config.data.path={path!r} contains no {"/".join(IMAGE_EXTENSIONS)} images')
   rel = [os.path.relpath(f, path).split(os.sep) for f in files]
   if all(len(parts) >= 2 for parts in rel):  # every image lives under a first-level class directory
     classes = tuple(sorted({parts[0] for parts in rel}))
@@ -120,7 +126,7 @@ class FolderSource:
 def folder_source(path: str, split: str, num_channels: int) -> FolderSource:
   """The images under `path` (one split, 'train' or 'all'), decoded to `num_channels` channels."""
   if split not in FOLDER_SPLITS:
-    raise ValueError(f'split {split!r} of config.data.dataset=\'folder\' is not one of {list(FOLDER_SPLITS)} '
+    raise DataConfigError(f'split {split!r} of config.data.dataset=\'folder\' is not one of {list(FOLDER_SPLITS)} '
                      '(a folder is a single split; set config.data.eval_split=\'train\')')
   files, labels, _ = scan_folder(path)
   return FolderSource(path, files, labels, num_channels)
@@ -192,7 +198,7 @@ def tfds_source(dataset: str, name: str, split: str, data_dir: Optional[str]):
   build_cmd = f'`tfds build {name} --file_format=array_record --data_dir=DIR`'
   if builder.is_prepared():  # prepared, so the split name or the file format is wrong
     splits = list(builder.info.splits.keys())
-    raise ValueError(f'{field}: cannot read split {split!r} of {name!r} in {root} (available splits: {splits}; '
+    raise DataConfigError(f'{field}: cannot read split {split!r} of {name!r} in {root} (available splits: {splits}; '
                      f'the files must be ArrayRecord, rebuild with {build_cmd} if they are TFRecord): '
                      f'{_one_line(first_error)}') from first_error
   where = f'{builder.data_path}'

@@ -33,6 +33,8 @@ import struct
 import zipfile
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
+from ddpm_jax.config_validation import UserError
+
 from absl import logging
 import numpy as np
 
@@ -54,7 +56,7 @@ KNOWN_SHA256_PREFIXES = {
 }
 
 
-class InceptionWeightsError(RuntimeError):
+class InceptionWeightsError(UserError, RuntimeError):
   """The Inception weights file is missing, unreadable or not a known layout."""
 
 
