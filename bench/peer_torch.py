@@ -41,19 +41,23 @@ sys.modules.setdefault('torchvision._meta_registrations', types.ModuleType('torc
 import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', 'configs/cifar10.py', 'Path to an ml_collections config file.')
-flags.DEFINE_integer('batch_size', None, 'Batch size (default: config.training.batch_size).')
-flags.DEFINE_integer('steps', 10, 'Timed calls of each program (the median is reported).')
-flags.DEFINE_integer('warmup', 2, 'Untimed calls first.')
-flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'float32, or bfloat16 autocast (default: '
-                  'config.model.dtype).')
-flags.DEFINE_integer('threads', None, 'torch intra-op threads (default: physical cores).')
-flags.DEFINE_enum('adam', 'default', ['default', 'foreach', 'fused'], 'torch.optim.Adam implementation.')
-flags.DEFINE_bool('channels_last', False, 'Use channels_last memory format for the model and inputs.')
-flags.DEFINE_bool('compile', False, 'torch.compile the model (inductor; needs a C++ compiler on CPU).')
-flags.DEFINE_bool('forward', True, 'Also time the forward.')
-flags.DEFINE_bool('train', True, 'Time the train step.')
-flags.DEFINE_float('peak_tflops', None, 'Peak dense TFLOP/s of the device, for `mfu`.')
+
+
+def define_flags() -> None:
+  """Command-line flags (defined only when run as a script; sample.py imports the helpers)."""
+  config_flags.DEFINE_config_file('config', 'configs/cifar10.py', 'Path to an ml_collections config file.')
+  flags.DEFINE_integer('batch_size', None, 'Batch size (default: config.training.batch_size).')
+  flags.DEFINE_integer('steps', 10, 'Timed calls of each program (the median is reported).')
+  flags.DEFINE_integer('warmup', 2, 'Untimed calls first.')
+  flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'float32, or bfloat16 autocast (default: '
+                    'config.model.dtype).')
+  flags.DEFINE_integer('threads', None, 'torch intra-op threads (default: physical cores).')
+  flags.DEFINE_enum('adam', 'default', ['default', 'foreach', 'fused'], 'torch.optim.Adam implementation.')
+  flags.DEFINE_bool('channels_last', False, 'Use channels_last memory format for the model and inputs.')
+  flags.DEFINE_bool('compile', False, 'torch.compile the model (inductor; needs a C++ compiler on CPU).')
+  flags.DEFINE_bool('forward', True, 'Also time the forward.')
+  flags.DEFINE_bool('train', True, 'Time the train step.')
+  flags.DEFINE_float('peak_tflops', None, 'Peak dense TFLOP/s of the device, for `mfu`.')
 
 
 def physical_cores() -> int:
@@ -225,4 +229,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -29,7 +29,7 @@ def get_config():
   config.training.log_every = 100
   config.training.checkpoint_every = 500
   config.training.sample_every = 1500
-  config.training.steps_per_call = 10
+  config.training.steps_per_call = 1
 
   config.optim.lr = 1e-3
   config.optim.warmup_steps = 200

@@ -13,7 +13,6 @@ writes to `<workdir>/figures/` (or `--out`):
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from typing import Any, Dict, Optional, Sequence
@@ -76,14 +75,7 @@ def reverse_strip(config: ml_collections.ConfigDict, params: Any, num_images: in
 
   @jax.jit
   def run(params, rng, labels):
-    def apply(x_t, t, y=None):
-      return model.apply({'params': params}, x_t, t, y=y, train=False)
-    if labels is None:
-      model_fn = apply
-    elif cfg.guidance_scale > 0:
-      model_fn = samplers.classifier_free_guidance(apply, labels, config.model.num_classes, cfg.guidance_scale)
-    else:
-      model_fn = functools.partial(apply, y=labels)
+    model_fn = sampling.sampling_model_fn(config, model, params, labels)
     return samplers.sample(diffusion, model_fn, shape, rng, method=cfg.method, respacing=cfg.respacing,
                            eta=cfg.eta, clip_denoised=cfg.clip_denoised, num_progress=num_progress)
 

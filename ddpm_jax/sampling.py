@@ -58,6 +58,19 @@ def grid_layout(config: ml_collections.ConfigDict, samples: np.ndarray,
   return samples[index], per_row
 
 
+def sampling_model_fn(config: ml_collections.ConfigDict, model, params: Any,
+                      labels: Optional[jax.Array]) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """The `model_fn(x_t, t)` a sampler calls: unconditional, conditional on `labels`, or classifier-free guided
+  ((1 + w) eps(x, y) - w eps(x, null) with both halves in one batched call) when `sample.guidance_scale` > 0."""
+  def apply(x_t, t, y=None):
+    return model.apply({'params': params}, x_t, t, y=y, train=False)
+  if labels is None:
+    return apply
+  if config.sample.guidance_scale > 0:
+    return samplers.classifier_free_guidance(apply, labels, config.model.num_classes, config.sample.guidance_scale)
+  return functools.partial(apply, y=labels)
+
+
 def make_sample_fn(config: ml_collections.ConfigDict, model, diffusion: diffusion_lib.Diffusion,
                    mesh: jax.sharding.Mesh, num: int) -> Callable[[Any, jax.Array, Optional[jax.Array]], jax.Array]:
   """A jitted `(params, rng, labels) -> images in [-1, 1]` drawing `num` samples sharded over the mesh.
@@ -70,14 +83,7 @@ def make_sample_fn(config: ml_collections.ConfigDict, model, diffusion: diffusio
   cfg = config.sample
 
   def sample(params, rng, labels):
-    def apply(x_t, t, y=None):
-      return model.apply({'params': params}, x_t, t, y=y, train=False)
-    if labels is None:
-      model_fn = apply
-    elif cfg.guidance_scale > 0:
-      model_fn = samplers.classifier_free_guidance(apply, labels, config.model.num_classes, cfg.guidance_scale)
-    else:
-      model_fn = functools.partial(apply, y=labels)
+    model_fn = sampling_model_fn(config, model, params, labels)
     return samplers.sample(diffusion, model_fn, shape, rng, method=cfg.method, respacing=cfg.respacing,
                            eta=cfg.eta, clip_denoised=cfg.clip_denoised)
 

@@ -171,12 +171,21 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: flax.li
 
 
 def multi_step(state: TrainState, batches: dict[str, jax.Array], *, step_fn: Callable) -> tuple[TrainState, dict]:
-  """`steps_per_call` steps in one compiled call: `lax.scan` of `step_fn` over the leading axis of `batches`."""
-  return jax.lax.scan(step_fn, state, batches)
+  """`steps_per_call` steps in one compiled call over the leading axis of `batches`; metrics stacked per step.
+
+  One step is called directly. Several are a fully unrolled `lax.scan`: a rolled scan becomes a while loop, and
+  XLA:CPU runs the convolutions inside a while loop about 50x slower than the same program unrolled (measured on the
+  quickstart model: 50 s vs 0.95 s per step).
+  """
+  num_steps = jax.tree.leaves(batches)[0].shape[0]
+  if num_steps == 1:
+    state, metrics = step_fn(state, jax.tree.map(lambda x: x[0], batches))
+    return state, jax.tree.map(lambda m: m[None], metrics)
+  return jax.lax.scan(step_fn, state, batches, unroll=True)
 
 
 def make_step_fn(model, diffusion, optimizer, config, axis_name=None) -> Callable:
-  """The train step with everything static bound, scanning over `steps_per_call` stacked batches."""
+  """The train step with everything static bound, taking `steps_per_call` stacked batches."""
   step_fn = functools.partial(train_step, model=model, diffusion=diffusion, optimizer=optimizer, config=config,
                               axis_name=axis_name)
   return functools.partial(multi_step, step_fn=step_fn)

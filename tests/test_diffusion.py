@@ -10,6 +10,7 @@ import pytest
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import schedules
 from tests import numpy_reference as ref
+from tests.assertions import assert_one_line_error
 
 T = 12
 SHAPE = (T, 2, 2, 3)  # one example per timestep: t = arange(T) covers both ends
@@ -162,28 +163,19 @@ def test_diffusion_is_a_pytree_with_static_settings_and_jits_without_recompiling
   assert len(jax.tree.leaves(d1)) == 19 and all(leaf.shape == (T,) for leaf in jax.tree.leaves(d1))
 
 
-def _one_line_error(fn, *needles):
-  with pytest.raises(ValueError) as info:
-    fn()
-  message = str(info.value)
-  assert '\n' not in message
-  for needle in needles:
-    assert needle in message, (needle, message)
-
-
 def test_bad_settings_raise_one_line_value_errors():
   betas = schedules.get_betas('linear', T)
-  _one_line_error(lambda: diffusion_lib.make_diffusion(betas, mean_type='noise'), 'diffusion.mean_type',
+  assert_one_line_error(lambda: diffusion_lib.make_diffusion(betas, mean_type='noise'), 'diffusion.mean_type',
                   'eps, xstart, xprev, v')
-  _one_line_error(lambda: diffusion_lib.make_diffusion(betas, var_type='small'), 'diffusion.var_type',
+  assert_one_line_error(lambda: diffusion_lib.make_diffusion(betas, var_type='small'), 'diffusion.var_type',
                   'fixedlarge, fixedsmall, learned, learned_range')
-  _one_line_error(lambda: diffusion_lib.make_diffusion(betas, loss_type='l1'), 'diffusion.loss_type',
+  assert_one_line_error(lambda: diffusion_lib.make_diffusion(betas, loss_type='l1'), 'diffusion.loss_type',
                   'mse, kl, hybrid, rescaled_mse, rescaled_kl')
-  _one_line_error(lambda: diffusion_lib.make_diffusion(betas, t_sampling='loss-second-moment'),
+  assert_one_line_error(lambda: diffusion_lib.make_diffusion(betas, t_sampling='loss-second-moment'),
                   'diffusion.t_sampling', 'uniform, importance')
-  _one_line_error(lambda: diffusion_lib.make_diffusion(betas, hybrid_lambda=-1.0), 'diffusion.hybrid_lambda')
-  _one_line_error(lambda: diffusion_lib.make_diffusion(betas, dtype=jnp.float64), 'float64', 'enable_x64')
+  assert_one_line_error(lambda: diffusion_lib.make_diffusion(betas, hybrid_lambda=-1.0), 'diffusion.hybrid_lambda')
+  assert_one_line_error(lambda: diffusion_lib.make_diffusion(betas, dtype=jnp.float64), 'float64', 'enable_x64')
   # A learned-variance process needs 2C output channels.
   d = diffusion_lib.make_diffusion(betas, var_type='learned')
   x = jnp.zeros((2, 2, 2, 3))
-  _one_line_error(lambda: diffusion_lib.p_mean_variance(d, x, x, jnp.zeros((2,), jnp.int32)), '6')
+  assert_one_line_error(lambda: diffusion_lib.p_mean_variance(d, x, x, jnp.zeros((2,), jnp.int32)), '6')

@@ -11,17 +11,9 @@ from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import samplers
 from ddpm_jax import schedules
 from tests import numpy_reference as ref
+from tests.assertions import assert_one_line_error
 
 SHAPE = (2, 3, 3, 1)
-
-
-def _one_line_error(fn, *needles):
-  with pytest.raises(ValueError) as info:
-    fn()
-  message = str(info.value)
-  assert '\n' not in message
-  for needle in needles:
-    assert needle in message, (needle, message)
 
 
 # ------------------------------------------------------------------------------------------------ respacing
@@ -46,15 +38,15 @@ def test_space_timesteps_documented_examples():
 
 def test_bad_respacing_and_method_raise_one_line_value_errors():
   for spec in ('abc', 'ddimx', 'ddim999', '0', '2000', '5,,3', '-1', '600,600'):
-    _one_line_error(lambda: samplers.space_timesteps(1000, spec), 'sample.respacing', 'allowed values')
+    assert_one_line_error(lambda: samplers.space_timesteps(1000, spec), 'sample.respacing', 'allowed values')
   d = diffusion_lib.make_diffusion(schedules.get_betas('linear', 10))
   model_fn = lambda x, t: x
-  _one_line_error(lambda: samplers.sample(d, model_fn, SHAPE, jax.random.key(0), method='plms'), 'sample.method',
+  assert_one_line_error(lambda: samplers.sample(d, model_fn, SHAPE, jax.random.key(0), method='plms'), 'sample.method',
                   'ancestral, ddim')
-  _one_line_error(lambda: samplers.sample(d, model_fn, SHAPE, jax.random.key(0), respacing=5), 'sample.respacing')
-  _one_line_error(lambda: samplers.sample(d, model_fn, SHAPE, jax.random.key(0), respacing='11'),
+  assert_one_line_error(lambda: samplers.sample(d, model_fn, SHAPE, jax.random.key(0), respacing=5), 'sample.respacing')
+  assert_one_line_error(lambda: samplers.sample(d, model_fn, SHAPE, jax.random.key(0), respacing='11'),
                   'sample.respacing')
-  _one_line_error(lambda: samplers.sample(d, model_fn, SHAPE, jax.random.key(0), num_progress=11), 'num_progress')
+  assert_one_line_error(lambda: samplers.sample(d, model_fn, SHAPE, jax.random.key(0), num_progress=11), 'num_progress')
 
 
 def test_respaced_betas_match_reference_and_keep_the_marginals():

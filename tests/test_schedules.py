@@ -9,6 +9,7 @@ from configs import default as default_config
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import schedules
 from tests import numpy_reference as ref
+from tests.assertions import assert_one_line_error
 
 CONSTANT_FIELDS = [name for name in diffusion_lib.Diffusion.__dataclass_fields__
                    if diffusion_lib.Diffusion.__dataclass_fields__[name].metadata.get('pytree_node', True)]
@@ -107,23 +108,14 @@ def test_from_config_default_section():
   assert diffusion.learns_variance
 
 
-def _assert_one_line_value_error(fn, *needles):
-  with pytest.raises(ValueError) as info:
-    fn()
-  message = str(info.value)
-  assert '\n' not in message
-  for needle in needles:
-    assert needle in message, (needle, message)
-
-
 def test_bad_schedule_inputs_raise_one_line_value_errors():
-  _assert_one_line_value_error(lambda: schedules.get_betas('sigmoid', 10), 'diffusion.schedule', 'linear, quad',
+  assert_one_line_error(lambda: schedules.get_betas('sigmoid', 10), 'diffusion.schedule', 'linear, quad',
                                'cosine')
   for bad_t in (0, -5, 2.5, True):
-    _assert_one_line_value_error(lambda: schedules.get_betas('linear', bad_t), 'diffusion.num_timesteps',
+    assert_one_line_error(lambda: schedules.get_betas('linear', bad_t), 'diffusion.num_timesteps',
                                  'allowed values')
-  _assert_one_line_value_error(lambda: schedules.get_betas('linear', 10, beta_end=1.5), 'beta_end', '(0, 1)')
-  _assert_one_line_value_error(lambda: schedules.get_betas('linear', 10, beta_start=0.0), 'beta_start', '(0, 1)')
-  _assert_one_line_value_error(lambda: schedules.get_betas('const', 10, beta_end=-0.1), 'beta_end', '(0, 1)')
-  _assert_one_line_value_error(lambda: schedules.get_betas('cosine', 10, max_beta=1.0), 'max_beta')
-  _assert_one_line_value_error(lambda: diffusion_lib.make_diffusion(np.array([0.1, 1.0])), '(0, 1)')
+  assert_one_line_error(lambda: schedules.get_betas('linear', 10, beta_end=1.5), 'beta_end', '(0, 1)')
+  assert_one_line_error(lambda: schedules.get_betas('linear', 10, beta_start=0.0), 'beta_start', '(0, 1)')
+  assert_one_line_error(lambda: schedules.get_betas('const', 10, beta_end=-0.1), 'beta_end', '(0, 1)')
+  assert_one_line_error(lambda: schedules.get_betas('cosine', 10, max_beta=1.0), 'max_beta')
+  assert_one_line_error(lambda: diffusion_lib.make_diffusion(np.array([0.1, 1.0])), '(0, 1)')
