@@ -308,7 +308,8 @@ class _LabelRecorder(nn.Module):
     if y is None:
       jax.debug.callback(lambda: _SEEN.append(None))
     else:
-      jax.debug.callback(lambda yy: _SEEN.append(np.asarray(yy)), y)
+      # ordered: the steps of one call run as an unrolled program, whose unordered callbacks may interleave.
+      jax.debug.callback(lambda yy: _SEEN.append(np.asarray(yy)), y, ordered=True)
     return x * scale
 
 

@@ -1,0 +1,64 @@
+"""Smoke test of the benchmark scripts (bench/throughput.py, peer_torch.py, sample.py): each runs on configs/test.py
+with --steps=1 and prints one JSON object as its last line with the documented keys and sane values."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = ['--config=configs/test.py', '--steps=1', '--warmup=0']
+COMMANDS = {
+    'throughput': ['bench/throughput.py'] + COMMON,
+    'peer_torch': ['bench/peer_torch.py'] + COMMON + ['--batch_size=4'],
+    'sample': ['bench/sample.py'] + COMMON + ['--batch_size=4', '--num_steps_override=2', '--ddim_steps=4'],
+}
+THROUGHPUT_KEYS = ('train_img_per_s', 'fwd_img_per_s', 'train_steps_per_s', 'compile_s', 'flops_per_train_step',
+                   'mfu', 'device')
+
+
+@pytest.fixture(scope='module')
+def results():
+  """Runs the three scripts concurrently (they are mostly single-threaded compile/Python work) on one device."""
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)  # one CPU device, as a user runs them (conftest asks for 8 fake ones)
+  procs = {name: subprocess.Popen([sys.executable] + cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+           for name, cmd in COMMANDS.items()}
+  out = {}
+  for name, proc in procs.items():
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, f'{name} failed:\n{stderr[-3000:]}'
+    out[name] = json.loads(stdout.strip().splitlines()[-1])
+  return out
+
+
+def test_throughput_json(results):
+  res = results['throughput']
+  for key in THROUGHPUT_KEYS:
+    assert key in res, key
+  assert res['train_img_per_s'] > 0 and res['fwd_img_per_s'] > 0 and res['compile_s'] > 0
+  assert res['train_img_per_s'] == pytest.approx(res['train_steps_per_s'] * res['batch_size'])
+  # XLA's count for forward + backward + optimizer is about 3x the forward's.
+  assert 2 * res['flops_per_forward'] < res['flops_per_train_step'] < 5 * res['flops_per_forward']
+  assert res['num_params'] == 702_499
+  assert res['mfu'] is None and res['device'].startswith('cpu')  # no known peak for a CPU
+
+
+def test_peer_json(results):
+  res = results['peer_torch']
+  for key in THROUGHPUT_KEYS:
+    assert key in res, key
+  assert res['train_img_per_s'] > 0 and res['fwd_img_per_s'] > 0
+  assert res['num_params'] == 702_499  # the same architecture as ours
+  assert res['flops_per_train_step'] > 2 * res['flops_per_forward']
+
+
+def test_sample_json(results):
+  res = results['sample']
+  for method, steps in (('ancestral', 20), ('ddim', 4)):
+    row = res[method]
+    assert row['steps_target'] == steps and row['steps_run'] == 2 and row['kind'] == 'extrapolated'
+    assert res[f'{method}_img_per_s'] == pytest.approx(4 / (row['run_s'] / 2 * steps))
