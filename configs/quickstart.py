@@ -11,8 +11,8 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.data.dataset = 'mnist5k'
-  config.data.image_size = 32  # after padding the 28x28 digits
-  config.data.pad_to = 32
+  config.data.image_size = 28  # the digits' own size: 28 -> 14 -> 7 with ch_mult (1, 2, 2), no padding
+  config.data.pad_to = 0
   config.data.num_channels = 1
   config.data.random_flip = False  # digits are not mirror-symmetric
   config.data.eval_split = 'test'
@@ -20,15 +20,17 @@ def get_config():
   config.model.ch = 32
   config.model.ch_mult = (1, 2, 2)
   config.model.num_res_blocks = 1
-  config.model.attn_resolutions = (8,)
+  config.model.attn_resolutions = (7,)
   config.model.dropout = 0.0
 
-  config.training.batch_size = 32
-  config.training.num_steps = 1500
+  # Small batches, many updates: on a 2-core CPU images/s is the same at batch 16 and 32 (~58/s), and early in
+  # training the number of updates matters more than the batch size.
+  config.training.batch_size = 16
+  config.training.num_steps = 2800
   config.training.ema_decay = 0.995
   config.training.log_every = 100
-  config.training.checkpoint_every = 500
-  config.training.sample_every = 1500
+  config.training.checkpoint_every = 700
+  config.training.sample_every = 2800
   config.training.steps_per_call = 1
 
   config.optim.lr = 1e-3
