@@ -1,11 +1,11 @@
 """Do class-conditional digit samples show the digit they were generated for? (Issue 7, the quickstart_cond check)
 
   python bench/digit_classifier.py                      # train the classifier, report its mnist5k test accuracy
-  python bench/digit_classifier.py --samples=runs/quickstart_cond/samples/step_3000/samples.npz
+  python bench/digit_classifier.py --samples=runs/quickstart_cond/samples/step_2800/samples.npz
   python bench/digit_classifier.py --samples=... --classifier=nearest_mean --min_agreement=0.8
 
 A small classifier is trained on the mnist5k 'train' digits (4,500), read through `ddpm_jax.input_pipeline` exactly
-as `configs/quickstart_cond.py` feeds them to the model: 28x28 padded with background to 32x32, scaled to [-1, 1].
+as `configs/quickstart_cond.py` feeds them to the model (28x28, or padded to `data.pad_to`), scaled to [-1, 1].
 Its accuracy on mnist5k 'test' (500 held-out digits) is reported first: it bounds how far the agreement figure can
 be trusted. With --samples, the `images` of a `--mode=sample` output (uint8 NHWC, mapped back to [-1, 1] as the
 pipeline does) are classified and compared with the `labels` they were generated for (written by conditional
@@ -55,7 +55,7 @@ def quickstart_config():
 
 
 def load_digits(split: str, config=None) -> tuple[np.ndarray, np.ndarray]:
-  """mnist5k `split` through the input pipeline: float32 (N, 32, 32, 1) in [-1, 1] and int32 (N,) labels.
+  """mnist5k `split` through the input pipeline: float32 (N, H, W, 1) in [-1, 1] and int32 (N,) labels.
 
   With the default (quickstart) config the arrays are cached per split and read-only.
   """
@@ -165,8 +165,17 @@ def agreement(predicted: np.ndarray, labels: np.ndarray, num_classes: int = NUM_
           'counts': counts, 'confusion': confusion.tolist()}
 
 
-def load_samples(path: str, image_shape: tuple[int, int, int] = (32, 32, 1)) -> tuple[np.ndarray, np.ndarray]:
+def model_image_shape(config=None) -> tuple[int, int, int]:
+  """(H, W, C) of the images the quickstart model sees (and samples)."""
+  from ddpm_jax import models  # pylint: disable=g-import-not-at-top
+  config = config or quickstart_config()
+  side = models.model_image_size(config)
+  return side, side, int(config.data.num_channels)
+
+
+def load_samples(path: str, image_shape: Optional[tuple[int, int, int]] = None) -> tuple[np.ndarray, np.ndarray]:
   """(images in [-1, 1], labels) of a `--mode=sample` samples.npz; clear errors for unconditional/foreign files."""
+  image_shape = image_shape or model_image_shape()
   with np.load(path) as data:
     if 'images' not in data:
       raise ValueError(f'{path} has no `images` array (not a --mode=sample output); keys: {sorted(data.keys())}')
@@ -196,8 +205,7 @@ def run(samples: Optional[str] = None, method: str = 'mlp', seed: int = 0, log=p
   result = {'classifier': method, 'num_train': len(train_x), 'num_test': len(test_x),
             'test_accuracy': test['agreement'], 'test_per_class': test['per_class']}
   if samples:
-    images, labels = load_samples(samples, tuple(config.data.image_size for _ in range(2)) +
-                                  (config.data.num_channels,))
+    images, labels = load_samples(samples, model_image_shape(config))
     got = agreement(predict(images), labels)
     log(f'samples {samples}: {len(images)} images, classifier agrees with the generating label for '
         f'{got["agreement"]:.3f}')

@@ -214,12 +214,7 @@ def benchmark(config, batch_size: int, steps: int, warmup: int, threads: int, ad
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = FLAGS.config
-  if FLAGS.dtype:
-    config.model.dtype = FLAGS.dtype
-  batch_size = FLAGS.batch_size or config.training.batch_size
+  config, batch_size = throughput.config_and_batch_size(argv, lambda c: c.training.batch_size)
   res = benchmark(config, batch_size, FLAGS.steps, FLAGS.warmup, FLAGS.threads or physical_cores(),
                   adam=FLAGS.adam, channels_last=FLAGS.channels_last, compile_model=FLAGS.compile,
                   do_train=FLAGS.train, do_forward=FLAGS.forward, peak_tflops=FLAGS.peak_tflops)

@@ -146,12 +146,7 @@ def time_peer(config, batch_size: int, method: str, target_steps: int, run_steps
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = FLAGS.config
-  if FLAGS.dtype:
-    config.model.dtype = FLAGS.dtype
-  batch_size = FLAGS.batch_size or config.sample.batch_size
+  config, batch_size = throughput.config_and_batch_size(argv, lambda c: c.sample.batch_size)
   num_t = config.diffusion.num_timesteps
   res = throughput.machine_info()
   res.update({'config': config_flags.get_config_filename(FLAGS['config']), 'batch_size': batch_size,

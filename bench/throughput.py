@@ -135,6 +135,16 @@ def cost_flops(compiled) -> Optional[float]:
   return float(cost['flops'])
 
 
+def config_and_batch_size(argv, default_batch_size: Callable[[Any], int]):
+  """The shared preamble of the bench scripts' main(): (--config with --dtype applied, --batch_size or default)."""
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = FLAGS.config
+  if FLAGS.dtype:
+    config.model.dtype = FLAGS.dtype
+  return config, FLAGS.batch_size or default_batch_size(config)
+
+
 def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
   print(title)
   width = max(len(name) for name, _ in rows)
@@ -346,12 +356,7 @@ def breakdown(config, batch_size: int, steps: int, warmup: int) -> list[tuple[st
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = FLAGS.config
-  if FLAGS.dtype:
-    config.model.dtype = FLAGS.dtype
-  batch_size = FLAGS.batch_size or config.training.batch_size
+  config, batch_size = config_and_batch_size(argv, lambda c: c.training.batch_size)
   res = benchmark(config, batch_size, FLAGS.steps, FLAGS.warmup, do_train=FLAGS.train, do_forward=FLAGS.forward,
                   peak_tflops=FLAGS.peak_tflops)
   res['config'] = config_flags.get_config_filename(FLAGS['config'])
