@@ -3,8 +3,9 @@
   python bench/fid_floor.py --config=configs/quickstart.py --workdir=runs/quickstart
 
 Every train example goes through the FID network once (`evaluate.load_fid_network`, the same code and weights as
-`--mode=eval`). The features are split by global index into an even and an odd half (class-balanced on mnist5k,
-whose order interleaves the classes) and the script prints
+`--mode=eval`). The features are split into two random halves (a fixed permutation, --seed; NOT even/odd indices:
+mnist5k's order cycles through the classes, so its even and odd examples hold different digits) and the script
+prints
 
   * `fid_train_halves`: FID between the two halves (N = half the split each): what two independent draws from the
     data distribution score, the floor a perfect model's samples approach at that N;
@@ -12,7 +13,8 @@ whose order interleaves the classes) and the script prints
     real held-out images scored exactly as `--mode=eval` scores N samples (`fid_train@N`).
 
 It also writes the full train and eval-split statistics to the cache `--mode=eval` reads
-(`<workdir>/eval/ref_stats_*.npz`), so a following `--mode=eval` does not recompute them.
+(`<workdir>/eval/ref_stats_*.npz`), so a following `--mode=eval` does not recompute them, and keeps the features
+in `<workdir>/eval/features_<split>.npy` (reused by a second run).
 The human-readable lines go first; the LAST line of stdout is one JSON object.
 """
 
@@ -52,6 +54,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   from ddpm_jax import evaluate  # pylint: disable=g-import-not-at-top
   from ddpm_jax import sharding  # pylint: disable=g-import-not-at-top
   from ddpm_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
@@ -66,16 +69,23 @@ def main(argv):
                     'protocol': net.protocol, 'device': f'{jax.devices()[0].platform}:{jax.devices()[0].device_kind}'}
   for split in (config.data.train_split, config.data.eval_split):
     start = time.perf_counter()
-    feats = split_features(config, split, net, mesh)
+    cache = os.path.join(eval_dir, f'features_{split}.npy')
+    if os.path.isfile(cache):
+      feats = np.load(cache)
+    else:
+      feats = split_features(config, split, net, mesh)
+      np.save(cache, feats)
+      res[f'{split}_inception_s'] = time.perf_counter() - start
     res[f'{split}_images'] = len(feats)
-    res[f'{split}_inception_s'] = time.perf_counter() - start
     stats[split] = metrics.feature_statistics(feats)
     path = evaluate.ref_stats_path(config, split, net.protocol, eval_dir)
     metrics.save_statistics(path, *stats[split], len(feats), net.protocol)
     if split == config.data.train_split:
-      even, odd = metrics.feature_statistics(feats[0::2]), metrics.feature_statistics(feats[1::2])
-      res['halves_images'] = [len(feats[0::2]), len(feats[1::2])]
-      res['fid_train_halves'] = metrics.frechet_distance(*even, *odd)
+      order = np.random.default_rng(FLAGS.seed).permutation(len(feats))
+      halves = order[:len(feats) // 2], order[len(feats) // 2:]
+      res['halves_images'] = [len(h) for h in halves]
+      res['fid_train_halves'] = metrics.frechet_distance(*metrics.feature_statistics(feats[halves[0]]),
+                                                         *metrics.feature_statistics(feats[halves[1]]))
   res['fid_test_vs_train'] = metrics.frechet_distance(*stats[config.data.eval_split], *stats[config.data.train_split])
   res['total_s'] = time.perf_counter() - t0
   print(f'FID floors of {config.data.dataset} (Inception weights sha256 {net.protocol.get("weights_sha256")})')
@@ -89,4 +99,5 @@ def main(argv):
 if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', 'configs/quickstart.py', 'Path to an ml_collections config file.')
   flags.DEFINE_string('workdir', None, 'Run directory; statistics are cached in <workdir>/eval.', required=True)
+  flags.DEFINE_integer('seed', 0, 'Seed of the permutation that splits the train split into halves.')
   app.run(main)
