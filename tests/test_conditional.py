@@ -452,7 +452,7 @@ def test_digit_classifier_on_real_labelled_digits(tmp_path, capsys):
   finally:
     sys.path.pop(0)
   test_x, test_y = digit_classifier.load_digits('test')
-  assert test_x.shape == (500, 32, 32, 1) and test_x.min() == -1.0
+  assert test_x.shape == (500, 28, 28, 1) and test_x.min() == -1.0  # the quickstart digits, unpadded
   uint8 = images_lib.to_uint8(test_x)  # as --mode=sample writes them
   good, wrong, uncond = tmp_path / 'good.npz', tmp_path / 'wrong.npz', tmp_path / 'uncond.npz'
   np.savez(good, images=uint8, labels=test_y)
