@@ -18,12 +18,14 @@ import json
 import os
 import statistics
 import sys
-import time
 
 from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('batch_size', 16, 'Batch size.')
@@ -35,14 +37,7 @@ flags.DEFINE_bool('torch', False, 'Also time PyTorch on the same shapes.')
 
 
 def _median_ms(fn, steps: int) -> float:
-  fn()
-  fn()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
+  return 1e3 * statistics.median(throughput.time_calls(fn, steps, warmup=2))
 
 
 def time_jax(b: int, side: int, c_in: int, c_out: int, steps: int) -> dict[str, float]:

@@ -5,7 +5,7 @@ convolution at a good fraction of peak, but lowers the weight gradient (JAX's tr
 HxW "kernel" and a 3x3 output) to a path that is 3-5x slower than the forward on 128-channel layers
 (`bench/throughput.py --breakdown`, BENCHMARKS.md). The weight gradient is a sum over the 9 kernel offsets of
 dense products dW[i, j] = sum_{b,h,w} x_pad[b, h+i, w+j, :]^T g[b, h, w, :], each a plain GEMM, which XLA:CPU runs
-at ~1.7x the speed of its convolution-shaped weight gradient at 128 channels.
+at ~1.8x the speed of its convolution-shaped weight gradient at 128 channels (bench/conv_wgrad.py).
 
 `conv3x3_same` is a drop-in for `lax.conv_general_dilated` in `flax.linen.Conv` (same parameters, same forward,
 gradients equal up to float32 summation order); any other convolution falls through to `lax.conv_general_dilated`.
