@@ -135,6 +135,21 @@ def cost_flops(compiled) -> Optional[float]:
   return float(cost['flops'])
 
 
+def autodiff_wgrad_flops(trainer, config, device_batches) -> Optional[float]:
+  """FLOPs of the train step from XLA's cost analysis of the same step with autodiff's conv weight gradient.
+
+  The GEMM weight gradient (`models/conv.py`) loops over the 9 kernel offsets, and XLA's cost analysis counts a loop
+  body once; the arithmetic is the same as autodiff's, so its step is lowered (not compiled) and counted instead.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import models  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import train_state  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  config.model.conv_wgrad = 'xla'
+  step_fn = train_state.make_step_fn(models.create_model(config), trainer.diffusion, trainer.optimizer, config)
+  return cost_flops(jax.jit(step_fn).lower(trainer.state, device_batches))
+
+
 def config_and_batch_size(argv, default_batch_size: Callable[[Any], int]):
   """The shared preamble of the bench scripts' main(): (--config with --dtype applied, --batch_size or default)."""
   if len(argv) > 1:
@@ -161,6 +176,7 @@ def benchmark(config, batch_size: int, steps: int, warmup: int, do_train: bool =
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ddpm_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import models  # pylint: disable=g-import-not-at-top
   from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
   from ddpm_jax import sharding  # pylint: disable=g-import-not-at-top
   from ddpm_jax import train  # pylint: disable=g-import-not-at-top
@@ -196,6 +212,8 @@ def benchmark(config, batch_size: int, steps: int, warmup: int, do_train: bool =
     compiled = lowered.compile()
     res['compile_s'] = res['lower_s'] + time.perf_counter() - t0
     flops = cost_flops(compiled)
+    if models.uses_gemm_wgrad(config):
+      flops = autodiff_wgrad_flops(trainer, config, device_batches)
     # The scan body over steps_per_call is counted once by XLA's cost analysis when the trip count is unknown to
     # it; per-step FLOPs are the k = 1 program's, so report those only when k == 1 (use k = 1 for FLOPs/MFU).
     res['flops_per_train_step'] = flops if k == 1 else None

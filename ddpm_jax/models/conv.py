@@ -39,13 +39,18 @@ def _bwd(residuals, g):
   c_in, c_out = w.shape[2], w.shape[3]
   # Input gradient: autodiff's own (a forward convolution with the flipped kernel, already on Eigen's fast path).
   dx, = jax.vjp(lambda x: _conv(x, w), x)[1](g)
-  # Weight gradient: 9 GEMMs (C_out x BHW) @ (BHW x C_in) over the shifted, padded input.
-  height, width = x.shape[1], x.shape[2]
+  # Weight gradient: 9 GEMMs (C_out x BHW) @ (BHW x C_in) over the shifted, padded input, one per loop iteration:
+  # XLA:CPU runs independent ops concurrently, and 9 unrolled GEMMs that each use every core then compete for the
+  # cores and caches (1.5x slower at 128 channels, bench/conv_wgrad.py); a loop body runs them one after another.
+  batch, height, width = x.shape[:3]
   x_pad = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   g_t = g.reshape(-1, c_out).T
-  dw = jnp.stack([
-      jnp.dot(g_t, x_pad[:, i:i + height, j:j + width, :].reshape(-1, c_in), preferred_element_type=jnp.float32)
-      for i in range(3) for j in range(3)])  # (9, C_out, C_in)
+
+  def offset_gemm(k, dw):
+    shifted = lax.dynamic_slice(x_pad, (0, k // 3, k % 3, 0), (batch, height, width, c_in)).reshape(-1, c_in)
+    return dw.at[k].set(jnp.dot(g_t, shifted, preferred_element_type=jnp.float32))
+
+  dw = lax.fori_loop(0, 9, offset_gemm, jnp.zeros((9, c_out, c_in), jnp.float32))  # (9, C_out, C_in)
   dw = dw.swapaxes(1, 2).reshape(3, 3, c_in, c_out).astype(w.dtype)
   return dx, dw
 
