@@ -81,3 +81,28 @@ def test_auto_means_gemm_on_cpu_only():
   config = test_config.get_config()
   config.model.conv_wgrad = 'auto'
   assert models.uses_gemm_wgrad(config) == (jax.default_backend() == 'cpu')
+
+
+@pytest.mark.parametrize('shape', [(2, 4, 4, 6, 5), (3, 7, 9)])
+def test_dense_value_and_gradients_match_lax(shape):
+  *lead, c_in, c_out = shape
+  kx, kw, kg = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(kx, (*lead, c_in))
+  kernel = jax.random.normal(kw, (c_in, c_out))
+  g = jax.random.normal(kg, (*lead, c_out))
+  dims = (((x.ndim - 1,), (0,)), ((), ()))
+  y_ref, vjp_ref = jax.vjp(lambda x, k: lax.dot_general(x, k, dims), x, kernel)
+  y, vjp = jax.vjp(lambda x, k: conv_lib.dense_dot_general(x, k, dims), x, kernel)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+  for got, want in zip(jax.jit(vjp)(g), vjp_ref(g)):
+    assert got.shape == want.shape
+    assert _rel_err(got, want) < 1e-5
+
+
+def test_other_dot_generals_fall_through_to_lax():
+  x = jax.random.normal(jax.random.key(4), (2, 3, 4))
+  y = jax.random.normal(jax.random.key(5), (2, 4, 5))
+  dims = (((2,), (1,)), ((0,), (0,)))  # a batched matmul is not a Dense
+  f = lambda y: conv_lib.dense_dot_general(x, y, dims).sum()
+  assert 'custom_vjp' not in str(jax.make_jaxpr(jax.grad(f))(y))
+  np.testing.assert_array_equal(jax.grad(f)(y), jax.grad(lambda y: lax.dot_general(x, y, dims).sum())(y))

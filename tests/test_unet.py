@@ -2,6 +2,7 @@
 
 import importlib
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 
 from configs import default
 from ddpm_jax import models
+from ddpm_jax.models import group_norm
 from ddpm_jax.models import unet as unet_lib
 
 # Expected parameter counts. CIFAR-10 is the released checkpoint's count (Ho et al. 2020); the 256x256 count is
@@ -289,3 +291,32 @@ def test_pooling_resampling_without_conv():
   x, t = _inputs(config)
   out = _apply_fn(model)(params, x, t)
   assert out.shape == (2, 32, 32, 3) and np.all(np.isfinite(np.asarray(out)))
+
+
+@pytest.mark.parametrize('shape, groups, dtype', [((2, 5, 6, 64), 32, jnp.float32), ((3, 4, 4, 12), 4, jnp.float32),
+                                                  ((2, 7, 48), 16, jnp.float32), ((2, 4, 4, 64), 32, jnp.bfloat16)])
+def test_group_norm_matches_flax(shape, groups, dtype):
+  """models/group_norm.GroupNorm (per-channel affine form) computes flax's GroupNorm: same params, values, grads."""
+  x = (jax.random.normal(jax.random.key(0), shape) * 3 + 1).astype(dtype)
+  ours = group_norm.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype)
+  ref = nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype)
+  params = ours.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref.init(jax.random.key(1), x))
+  params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(2), p.shape), params)
+  g = jax.random.normal(jax.random.key(3), shape).astype(dtype)
+
+  def value_and_grads(module):
+    y, vjp = jax.vjp(lambda p, x: module.apply(p, x), params, x)
+    return y, vjp(g)
+
+  (y, grads), (y_ref, grads_ref) = value_and_grads(ours), value_and_grads(ref)
+  assert y.dtype == y_ref.dtype == dtype
+  tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+  for got, want in zip(jax.tree.leaves((y, grads)), jax.tree.leaves((y_ref, grads_ref))):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol
+
+
+def test_group_norm_rejects_channels_not_divisible_by_groups():
+  with pytest.raises(ValueError, match='12 channels do not split into 5 groups'):
+    group_norm.GroupNorm(num_groups=5, epsilon=1e-6).init(jax.random.key(0), jnp.ones((1, 2, 2, 12)))

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax.models import conv as conv_lib
+from ddpm_jax.models import group_norm
 
 Dtype = Any
 
@@ -70,11 +71,18 @@ def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int) -> jax.Arra
   return emb
 
 
-def _group_norm(channels: int, dtype: Dtype, name: str) -> nn.GroupNorm:
+def _group_norm(channels: int, dtype: Dtype, name: str) -> group_norm.GroupNorm:
   # 32 groups as the paper; gcd keeps tiny test/quickstart widths (C % 32 != 0) usable and equals 32 whenever
   # C is a multiple of 32 (every paper config). Statistics are reduced in float32 even for bf16 activations.
-  return nn.GroupNorm(num_groups=int(np.gcd(GROUPNORM_GROUPS, channels)), epsilon=GROUPNORM_EPS, dtype=dtype,
-                      name=name)
+  return group_norm.GroupNorm(num_groups=int(np.gcd(GROUPNORM_GROUPS, channels)), epsilon=GROUPNORM_EPS,
+                              dtype=dtype, name=name)
+
+
+def _dense(features: int, dtype: Dtype, name: str, kernel_init: nn.initializers.Initializer,
+           gemm_wgrad: bool) -> nn.Dense:
+  # A 1x1 convolution over the channel axis; gemm_wgrad only changes how its weight gradient is computed.
+  return nn.Dense(features, kernel_init=kernel_init, dtype=dtype, name=name,
+                  dot_general=conv_lib.dense_dot_general if gemm_wgrad else None)
 
 
 def _conv3x3(features: int, dtype: Dtype, name: str, init_scale: float = 1.0, stride: int = 1,
@@ -109,7 +117,7 @@ class ResnetBlock(nn.Module):
       h = nn.Dropout(rate=self.dropout, deterministic=self.deterministic)(h)
     h = _conv3x3(self.out_ch, self.dtype, 'conv2', init_scale=0.0, gemm_wgrad=self.gemm_wgrad)(h)
     if c_in != self.out_ch:
-      x = nn.Dense(self.out_ch, kernel_init=default_init(), dtype=self.dtype, name='nin_shortcut')(x)
+      x = _dense(self.out_ch, self.dtype, 'nin_shortcut', default_init(), self.gemm_wgrad)(x)
     return x + h
 
 
@@ -119,12 +127,13 @@ class AttnBlock(nn.Module):
   q, k, v come from one fused (C, 3C) projection (one matmul instead of three); the output projection is zero-init.
   """
   dtype: Dtype = jnp.float32
+  gemm_wgrad: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, hgt, wid, c = x.shape
     h = _group_norm(c, self.dtype, 'norm')(x)
-    qkv = nn.Dense(3 * c, kernel_init=_qkv_init, dtype=self.dtype, name='qkv')(h)
+    qkv = _dense(3 * c, self.dtype, 'qkv', _qkv_init, self.gemm_wgrad)(h)
     qkv = qkv.reshape(b, hgt * wid, 3 * c)   # merges contiguous axes: no data movement
     q, k, v = qkv[..., :c], qkv[..., c:2 * c], qkv[..., 2 * c:]
     # Scaling q (HW*C values) is cheaper than scaling the (HW, HW) logits.
@@ -132,7 +141,7 @@ class AttnBlock(nn.Module):
     # Softmax in float32 also for bf16 activations (as diffusers' upcast_softmax).
     w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(v.dtype)
     h = jnp.einsum('bij,bjc->bic', w, v).reshape(b, hgt, wid, c)
-    h = nn.Dense(c, kernel_init=default_init(0.0), dtype=self.dtype, name='proj_out')(h)
+    h = _dense(c, self.dtype, 'proj_out', default_init(0.0), self.gemm_wgrad)(h)
     return x + h
 
 
@@ -166,8 +175,8 @@ class UNet(nn.Module):
       row num_classes being the null label of classifier-free guidance.
     dtype: compute dtype of the activations; parameters stay float32 and the output is float32.
     remat: rematerialise (gradient-checkpoint) every ResNet and attention block in the backward pass.
-    gemm_wgrad: compute the weight gradients of the 3x3 stride-1 convolutions as GEMMs (models/conv.py; faster
-      on XLA:CPU, same parameters and outputs).
+    gemm_wgrad: compute the weight gradients of the 3x3 stride-1 convolutions and of the 1x1 projections on
+      (B, H, W, C) activations with the GEMMs of models/conv.py (faster on XLA:CPU; same parameters and outputs).
   """
   ch: int
   out_ch: int
@@ -239,7 +248,7 @@ class UNet(nn.Module):
       for i_block in range(self.num_res_blocks):
         h = resnet(hs[-1], self.ch * self.ch_mult[i_level], f'down_{i_level}_block_{i_block}')
         if resolution in self.attn_resolutions:
-          h = attn_cls(dtype=dt, name=f'down_{i_level}_attn_{i_block}')(h)
+          h = attn_cls(dtype=dt, gemm_wgrad=self.gemm_wgrad, name=f'down_{i_level}_attn_{i_block}')(h)
         hs.append(h)
       if i_level != num_levels - 1:
         if self.resamp_with_conv:
@@ -252,7 +261,7 @@ class UNet(nn.Module):
     # Middle.
     h = hs[-1]
     h = resnet(h, h.shape[-1], 'mid_block_1')
-    h = attn_cls(dtype=dt, name='mid_attn_1')(h)
+    h = attn_cls(dtype=dt, gemm_wgrad=self.gemm_wgrad, name='mid_attn_1')(h)
     h = resnet(h, h.shape[-1], 'mid_block_2')
 
     # Upsampling, consuming the skip connections in reverse.
@@ -262,7 +271,7 @@ class UNet(nn.Module):
         h = resnet(jnp.concatenate([h, hs.pop()], axis=-1), self.ch * self.ch_mult[i_level],
                    f'up_{i_level}_block_{i_block}')
         if resolution in self.attn_resolutions:
-          h = attn_cls(dtype=dt, name=f'up_{i_level}_attn_{i_block}')(h)
+          h = attn_cls(dtype=dt, gemm_wgrad=self.gemm_wgrad, name=f'up_{i_level}_attn_{i_block}')(h)
       if i_level != 0:
         h = _upsample_nearest(h)
         if self.resamp_with_conv:
