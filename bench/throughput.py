@@ -11,7 +11,8 @@ What is timed is the library's own code, not a re-implementation:
   * forward: `model.apply(params, x_t, t, train=False)` jitted at the same batch (what every sampler step runs).
 Each is warmed up, then run `--steps` times; the figure is the MEDIAN time of one call (blocking on the result).
 `compile_s` is the ahead-of-time lower + compile of the train step; `flops_per_train_step` comes from XLA's cost
-analysis of the compiled step (per device). `mfu` is given where the peak of the device is known (table below or
+analysis of the step (per device; with the CPU's GEMM weight gradients, of the same step with autodiff's, since the
+cost analysis counts a loop body once). `mfu` is given where the peak of the device is known (table below or
 --peak_tflops).
 
 The human-readable table goes first; the LAST line of stdout is one JSON object.

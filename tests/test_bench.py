@@ -1,5 +1,5 @@
-"""Smoke test of the benchmark scripts (bench/throughput.py, peer_torch.py, sample.py): each runs on configs/test.py
-with --steps=1 and prints one JSON object as its last line with the documented keys and sane values."""
+"""Smoke test of the benchmark scripts (bench/throughput.py, peer_torch.py, sample.py, profile_step.py): each runs on
+configs/test.py with --steps=1 and prints one JSON object as its last line with the documented keys and sane values."""
 
 import json
 import os
@@ -14,6 +14,7 @@ COMMANDS = {
     'throughput': ['bench/throughput.py'] + COMMON,
     'peer_torch': ['bench/peer_torch.py'] + COMMON + ['--batch_size=4'],
     'sample': ['bench/sample.py'] + COMMON + ['--batch_size=4', '--num_steps_override=2', '--ddim_steps=4'],
+    'profile': ['bench/profile_step.py', '--config=configs/test.py', '--steps=1', '--batch_size=4', '--top=5'],
 }
 THROUGHPUT_KEYS = ('train_img_per_s', 'fwd_img_per_s', 'train_steps_per_s', 'compile_s', 'flops_per_train_step',
                    'mfu', 'device')
@@ -21,7 +22,7 @@ THROUGHPUT_KEYS = ('train_img_per_s', 'fwd_img_per_s', 'train_steps_per_s', 'com
 
 @pytest.fixture(scope='module')
 def results():
-  """Runs the three scripts concurrently (they are mostly single-threaded compile/Python work) on one device."""
+  """Runs the scripts concurrently (they are mostly single-threaded compile/Python work) on one device."""
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)  # one CPU device, as a user runs them (conftest asks for 8 fake ones)
   procs = {name: subprocess.Popen([sys.executable] + cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -62,3 +63,17 @@ def test_sample_json(results):
     row = res[method]
     assert row['steps_target'] == steps and row['steps_run'] == 2 and row['kind'] == 'extrapolated'
     assert res[f'{method}_img_per_s'] == pytest.approx(4 / (row['run_s'] / 2 * steps))
+
+
+def test_profile_json(results):
+  res = results['profile']
+  categories = [res[f'{c}_ms'] for c in ('conv', 'GEMM', 'elementwise', 'layout', 'RNG', 'other')]
+  assert all(c >= 0 for c in categories)
+  assert res['conv_ms'] > 0 and res['GEMM_ms'] > 0 and res['elementwise_ms'] > 0
+  assert res['sum_of_ops_ms'] == pytest.approx(sum(categories))
+  # The union of the op intervals (sum minus overlap) fits in the step; the rest of the step is gaps.
+  busy = res['sum_of_ops_ms'] - res['overlap_ms']
+  assert 0 < busy <= res['step_ms'] * 1.001
+  assert res['gaps_ms'] == pytest.approx(max(res['step_ms'] - busy, 0.0), abs=1e-6)
+  top = [op['ms'] for op in res['top_ops']]
+  assert len(top) == 5 and top == sorted(top, reverse=True) and top[0] <= res['sum_of_ops_ms']
