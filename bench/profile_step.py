@@ -13,7 +13,8 @@ the wall time per category:
   * other: everything else the runtime executed (small ops, loop control, reductions).
 Ops that run at the same time are each counted in full, so the categories can add up to more than the step;
 "overlap" says by how much, and "gaps" is the time with no op running (dispatch, synchronisation). The step time is
-from the first op's start to the last op's end over --steps steps run back to back; every figure is per step. The LAST line of stdout is one JSON object.
+from the first op's start to the last op's end over --steps steps run back to back; every figure is per step.
+The LAST line of stdout is one JSON object.
 """
 
 from __future__ import annotations

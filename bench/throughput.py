@@ -212,9 +212,8 @@ def benchmark(config, batch_size: int, steps: int, warmup: int, do_train: bool =
     t0 = time.perf_counter()
     compiled = lowered.compile()
     res['compile_s'] = res['lower_s'] + time.perf_counter() - t0
-    flops = cost_flops(compiled)
-    if models.uses_gemm_wgrad(config):
-      flops = autodiff_wgrad_flops(trainer, config, device_batches)
+    flops = (autodiff_wgrad_flops(trainer, config, device_batches) if models.uses_gemm_wgrad(config)
+             else cost_flops(compiled))
     # The scan body over steps_per_call is counted once by XLA's cost analysis when the trip count is unknown to
     # it; per-step FLOPs are the k = 1 program's, so report those only when k == 1 (use k = 1 for FLOPs/MFU).
     res['flops_per_train_step'] = flops if k == 1 else None
@@ -319,6 +318,8 @@ def breakdown(config, batch_size: int, steps: int, warmup: int) -> list[tuple[st
   for s in shapes:
     counts[s] = counts.get(s, 0) + 1
 
+  wg = model.gemm_wgrad  # the weight gradients the Trainer's step computes
+
   class Sub(nn.Module):
     """One sub-block, or one part of a ResNet block, as the U-Net builds it."""
     kind: str
@@ -327,22 +328,25 @@ def breakdown(config, batch_size: int, steps: int, warmup: int) -> list[tuple[st
     @nn.compact
     def __call__(self, x, temb):
       if self.kind == 'resnet':
-        return unet.ResnetBlock(out_ch=self.c_out, dropout=model.dropout, deterministic=False, dtype=dt)(x, temb)
+        return unet.ResnetBlock(out_ch=self.c_out, dropout=model.dropout, deterministic=False, dtype=dt,
+                                gemm_wgrad=wg)(x, temb)
       if self.kind == 'attn':
-        return unet.AttnBlock(dtype=dt)(x)
+        return unet.AttnBlock(dtype=dt, gemm_wgrad=wg)(x)
       if self.kind == 'groupnorm+swish':
         return nn.swish(unet._group_norm(x.shape[-1], dt, 'gn')(x))  # pylint: disable=protected-access
       if self.kind == 'conv3x3':
-        return unet._conv3x3(self.c_out, dt, 'conv')(x)  # pylint: disable=protected-access
+        return unet._conv3x3(self.c_out, dt, 'conv', gemm_wgrad=wg)(x)  # pylint: disable=protected-access
       if self.kind == 'downsample conv':
-        return unet._conv3x3(self.c_out, dt, 'conv', stride=2, padding=((0, 1), (0, 1)))(x)  # pylint: disable=protected-access
+        same_tf = ((0, 1), (0, 1))  # TF 'SAME' for a stride-2 3x3 conv, as the U-Net
+        return unet._conv3x3(self.c_out, dt, 'conv', stride=2, padding=same_tf,  # pylint: disable=protected-access
+                             gemm_wgrad=wg)(x)
       if self.kind == 'upsample conv':
-        return unet._conv3x3(self.c_out, dt, 'conv')(x)  # pylint: disable=protected-access
+        return unet._conv3x3(self.c_out, dt, 'conv', gemm_wgrad=wg)(x)  # pylint: disable=protected-access
       if self.kind == 'conv_in 3x3':
-        return unet._conv3x3(self.c_out, dt, 'conv')(x)  # pylint: disable=protected-access
+        return unet._conv3x3(self.c_out, dt, 'conv', gemm_wgrad=wg)(x)  # pylint: disable=protected-access
       if self.kind == 'norm_out+conv_out':
         h = nn.swish(unet._group_norm(x.shape[-1], dt, 'gn')(x))  # pylint: disable=protected-access
-        return unet._conv3x3(self.c_out, dt, 'conv')(h)  # pylint: disable=protected-access
+        return unet._conv3x3(self.c_out, dt, 'conv', gemm_wgrad=wg)(h)  # pylint: disable=protected-access
       raise ValueError(self.kind)
 
   rows = []

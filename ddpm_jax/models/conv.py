@@ -78,7 +78,6 @@ def conv3x3_same(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilat
                                   precision=precision, preferred_element_type=preferred_element_type)
 
 
-
 @jax.custom_vjp
 def _dense(x: jax.Array, w: jax.Array) -> jax.Array:
   return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))

@@ -231,6 +231,9 @@ class UNet(nn.Module):
       return resnet_cls(out_ch=out_ch, dropout=self.dropout, deterministic=not train, dtype=dt,
                         gemm_wgrad=self.gemm_wgrad, name=name)(h, temb)
 
+    def attn(h, name):
+      return attn_cls(dtype=dt, gemm_wgrad=self.gemm_wgrad, name=name)(h)
+
     # Timestep embedding: sinusoids -> Dense(4ch) -> swish -> Dense(4ch).
     temb = get_timestep_embedding(t, self.ch)
     temb = nn.Dense(self.ch * 4, kernel_init=default_init(), dtype=dt, name='temb_dense0')(temb)
@@ -248,7 +251,7 @@ class UNet(nn.Module):
       for i_block in range(self.num_res_blocks):
         h = resnet(hs[-1], self.ch * self.ch_mult[i_level], f'down_{i_level}_block_{i_block}')
         if resolution in self.attn_resolutions:
-          h = attn_cls(dtype=dt, gemm_wgrad=self.gemm_wgrad, name=f'down_{i_level}_attn_{i_block}')(h)
+          h = attn(h, f'down_{i_level}_attn_{i_block}')
         hs.append(h)
       if i_level != num_levels - 1:
         if self.resamp_with_conv:
@@ -261,7 +264,7 @@ class UNet(nn.Module):
     # Middle.
     h = hs[-1]
     h = resnet(h, h.shape[-1], 'mid_block_1')
-    h = attn_cls(dtype=dt, gemm_wgrad=self.gemm_wgrad, name='mid_attn_1')(h)
+    h = attn(h, 'mid_attn_1')
     h = resnet(h, h.shape[-1], 'mid_block_2')
 
     # Upsampling, consuming the skip connections in reverse.
@@ -271,7 +274,7 @@ class UNet(nn.Module):
         h = resnet(jnp.concatenate([h, hs.pop()], axis=-1), self.ch * self.ch_mult[i_level],
                    f'up_{i_level}_block_{i_block}')
         if resolution in self.attn_resolutions:
-          h = attn_cls(dtype=dt, gemm_wgrad=self.gemm_wgrad, name=f'up_{i_level}_attn_{i_block}')(h)
+          h = attn(h, f'up_{i_level}_attn_{i_block}')
       if i_level != 0:
         h = _upsample_nearest(h)
         if self.resamp_with_conv:
