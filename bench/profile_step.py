@@ -84,21 +84,14 @@ def categorize(line: str, bodies: dict[str, str]) -> str:
 def profile(config, batch_size: int, steps: int) -> tuple[dict, list]:
   """Traces `steps` train steps; returns (per-category ms per step and totals, top ops by time)."""
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from ddpm_jax import config_validation  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
   from ddpm_jax import sharding  # pylint: disable=g-import-not-at-top
   from ddpm_jax import train  # pylint: disable=g-import-not-at-top
 
   config.training.batch_size = batch_size
   config_validation.validate_config(config, jax.device_count())
-  k = int(config.training.steps_per_call)
-  side, _, channels = sampling.image_shape(config)
   trainer = train.Trainer(config, workdir=tempfile.mkdtemp(prefix='ddpm_profile_'))  # writes nothing there
-  rng = np.random.default_rng(0)
-  batches = {'image': rng.uniform(-1, 1, (k, batch_size, side, side, channels)).astype(np.float32)}
-  if config.model.num_classes:
-    batches['label'] = rng.integers(0, config.model.num_classes, (k, batch_size)).astype(np.int32)
+  batches = throughput.synthetic_batches(config, batch_size)
   compiled = trainer._step.lower(  # pylint: disable=protected-access
       trainer.state, sharding.global_batch_array(batches, sharding.batch_sharded(trainer.mesh, 1))).compile()
   instructions, bodies = parse_hlo(compiled.as_text())

@@ -170,6 +170,19 @@ def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
     print(f'  {name:<{width}}  {value}')
 
 
+def synthetic_batches(config, batch_size: int) -> dict[str, Any]:
+  """What `Trainer.step` takes: `steps_per_call` stacked batches of uniform images (and labels if conditional)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
+  k = int(config.training.steps_per_call)
+  side, _, channels = sampling.image_shape(config)
+  rng = np.random.default_rng(0)
+  batches = {'image': rng.uniform(-1, 1, (k, batch_size, side, side, channels)).astype(np.float32)}
+  if config.model.num_classes:
+    batches['label'] = rng.integers(0, config.model.num_classes, (k, batch_size)).astype(np.int32)
+  return batches
+
+
 def benchmark(config, batch_size: int, steps: int, warmup: int, do_train: bool = True, do_forward: bool = True,
               peak_tflops: Optional[float] = None) -> dict[str, Any]:
   """Times the Trainer's compiled step and the jitted forward; returns the JSON-able result dict."""
@@ -178,14 +191,12 @@ def benchmark(config, batch_size: int, steps: int, warmup: int, do_train: bool =
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ddpm_jax import config_validation  # pylint: disable=g-import-not-at-top
   from ddpm_jax import models  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
   from ddpm_jax import sharding  # pylint: disable=g-import-not-at-top
   from ddpm_jax import train  # pylint: disable=g-import-not-at-top
 
   config.training.batch_size = batch_size
   config_validation.validate_config(config, jax.device_count())
   k = int(config.training.steps_per_call)
-  side, _, channels = sampling.image_shape(config)
   res = machine_info()
   res.update({'config': config.get('_bench_name', ''), 'batch_size': batch_size, 'dtype': config.model.dtype,
               'steps_per_call': k, 'remat': bool(config.model.remat), 'timed_calls': steps, 'warmup_calls': warmup})
@@ -196,10 +207,8 @@ def benchmark(config, batch_size: int, steps: int, warmup: int, do_train: bool =
   res['init_s'] = time.perf_counter() - t0
   res['num_params'] = int(sum(x.size for x in jax.tree.leaves(trainer.state.params)))
 
-  rng = np.random.default_rng(0)
-  host_batches = {'image': rng.uniform(-1, 1, (k, batch_size, side, side, channels)).astype(np.float32)}
-  if config.model.num_classes:
-    host_batches['label'] = rng.integers(0, config.model.num_classes, (k, batch_size)).astype(np.int32)
+  host_batches = synthetic_batches(config, batch_size)
+  rng = np.random.default_rng(1)
 
   peak = peak_flops(jax.devices()[0].device_kind, config.model.dtype, peak_tflops)
   if do_train:
