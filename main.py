@@ -2,12 +2,19 @@
 
   python main.py --config=configs/cifar10.py --workdir=runs/cifar10 [--mode=train|sample|eval]
   python main.py --config=configs/cifar10.py --workdir=runs/cifar10 --config.diffusion.loss_type=kl
+
+Anything the user can fix (a flag, a config field or file, the workdir, the data, a checkpoint) is one line
+`ddpm_jax: error: ...` on stderr and exit code 2, before anything compiles; a diverged run is one line and exit 1.
 """
 
 import os
 import sys
 
-from absl import app
+# TensorFlow (imported by tfds and the TensorBoard writer) must never claim accelerator memory, nor talk; set before
+# anything can import it.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -23,30 +30,73 @@ flags.DEFINE_integer('num_processes', None, 'Number of processes, for a manual m
 flags.DEFINE_integer('process_id', None, 'This process index, for a manual multi-process launch.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
+USAGE_ERROR_EXIT = 2
+
+
+def _fail(message: str, code: int = USAGE_ERROR_EXIT) -> None:
+  print(f'ddpm_jax: error: {" ".join(str(message).split())}', file=sys.stderr)
+  sys.exit(code)
+
+
+def _config_arg(argv) -> str:
+  values = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+  return values[-1] if values else '?'
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with every error as one line (an unknown config field included)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(f'{e} (see --helpshort)')
+  except (KeyError, AttributeError) as e:  # ml_collections: an override of a field the config does not have
+    key = str(e.args[0] if e.args else e).strip('\'"')
+    overrides = [a.split('=', 1)[0] for a in argv if a.startswith('--config.')]
+    named = [o for o in overrides if key in o[len('--config.'):].split('.')] or overrides
+    _fail(f'{" / ".join(named) or "--config"}: the config from --config={_config_arg(argv)} has no field {key!r} '
+          '(every field is listed, with what it does, in configs/default.py)')
+
+
+def _load_config(argv):
+  try:
+    return FLAGS.config
+  except (OSError, ImportError, SyntaxError, AttributeError, KeyError, TypeError, ValueError) as e:
+    cause = e
+    while cause.__cause__ is not None or cause.__context__ is not None:
+      cause = cause.__cause__ or cause.__context__
+    last = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    _fail(f'--config={_config_arg(argv)}: cannot load the config file ({type(cause).__name__}: '
+          f'{last[-1] if last else cause})')
+
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # TensorFlow (if tfds imports it) must never claim accelerator memory.
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+    _fail(f'unexpected arguments: {argv[1:]} (flags are --name=value)')
+  config = _load_config(sys.argv)
+  from ddpm_jax import console  # pylint: disable=g-import-not-at-top
+  console.setup(FLAGS.verbosity)
   import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed or FLAGS.coordinator_address:
     # Cross-process collectives on CPU devices need gloo; the setting does not affect accelerators. Nothing may
     # touch the backend before initialize().
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from ddpm_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import errors  # pylint: disable=g-import-not-at-top
   from ddpm_jax import run  # pylint: disable=g-import-not-at-top
 
-  logging.info('JAX process %d/%d, %d local / %d global devices', jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
   try:
-    run.run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
-  except config_validation.UserError as e:
-    # User errors (bad config, missing data or checkpoint) are one line, no traceback.
-    print(f'ddpm_jax: error: {e}', file=sys.stderr)
-    sys.exit(2)
+    run.run(FLAGS.mode, config, FLAGS.workdir)
+  except errors.UserError as e:
+    _fail(str(e))
+  except errors.TrainingDivergedError as e:
+    _fail(str(e), code=1)
+  logging.flush()
+
+
+def entry() -> None:
+  """`python main.py ...`: absl's app.run with one-line flag errors."""
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  entry()

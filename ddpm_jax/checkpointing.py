@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ddpm_jax.config_validation import UserError
+from ddpm_jax.errors import UserError
 
 STATE_ITEM = 'state'
 DATA_ITEM = 'data'
@@ -68,28 +68,76 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_save_args: 
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
-def restore_latest(manager: ocp.CheckpointManager, target_state: Any,
-                   data_restore_args_fn: Optional[Callable[[], Any]] = None) -> tuple[Optional[int], Any]:
-  """Restores the newest readable checkpoint into the structure/shardings of `target_state`.
+def _reason(e: BaseException) -> str:
+  """One line saying why a step could not be read."""
+  lines = [line for line in str(e).splitlines() if line.strip()]
+  if not lines:
+    return type(e).__name__
+  first = lines[0].split(' See full TensorStore details')[0]  # the rest is a pybind repr, not an explanation
+  return f'{type(e).__name__}: {first[:200]}'
 
-  If the newest step cannot be read (truncated files, disk trouble), warns and falls back to the previous one, so a
-  crash during a save never costs more than one checkpoint interval. Returns (step, state) or (None, target_state)
-  when there is no checkpoint at all.
+
+
+def move_aside(workdir: str, step: int, reason: str) -> str:
+  """Renames `checkpoints/<step>` to `checkpoints/<step>.unreadable` (then `.unreadable-2`, ...); never deletes.
+
+  Orbax lists only directories named by a step number, so the renamed one is ignored from then on and the step can
+  be written again. Returns the new path.
+  """
+  source = os.path.join(checkpoint_dir(workdir), str(step))
+  target = f'{source}.unreadable'
+  n = 1
+  while os.path.exists(target):
+    n += 1
+    target = f'{source}.unreadable-{n}'
+  os.rename(source, target)
+  logging.warning('Checkpoint step %d is unreadable (%s); moved it to %s.', step, reason, target)
+  return target
+
+
+def restore_latest(workdir: str, keep: Optional[int], target_state: Any,
+                   data_restore_args_fn: Optional[Callable[[], Any]] = None
+                   ) -> tuple[ocp.CheckpointManager, Optional[int], Any]:
+  """Opens the training `CheckpointManager` of `workdir` and restores its newest readable step.
+
+  A step that cannot be restored (truncated or missing files, an empty directory) is moved aside (`move_aside`) by
+  process 0 and the next older one is tried, so a corrupt checkpoint costs at most the steps since the previous one
+  and never stops the run: it resumes, saves that step number again later, and a restart finds the same state.
+
+  Returns (manager, step, state), or (manager, None, target_state) when no readable checkpoint exists.
   """
   target = to_saveable(target_state)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  for step in sorted(manager.all_steps(), reverse=True):
-    items = {STATE_ITEM: ocp.args.StandardRestore(abstract)}
-    if data_restore_args_fn is not None:
-      items[DATA_ITEM] = data_restore_args_fn()
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning('Checkpoint at step %d in %s is unreadable (%s: %s); falling back to the previous one.',
-                      step, manager.directory, type(e).__name__, str(e).splitlines()[0] if str(e) else '')
-      continue
-    return step, from_saveable(restored[STATE_ITEM], target_state)
-  return None, target_state
+  manager = create_manager(workdir, keep)
+  moved = False
+  try:
+    for step in sorted(manager.all_steps(), reverse=True):
+      items = {STATE_ITEM: ocp.args.StandardRestore(abstract)}
+      if data_restore_args_fn is not None:
+        items[DATA_ITEM] = data_restore_args_fn()
+      try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+      except Exception as e:  # pylint: disable=broad-except  (any failure to read means: not this step)
+        if jax.process_index() == 0:
+          move_aside(workdir, step, _reason(e))
+        moved = True
+        continue
+      return _reopen(manager, workdir, keep, moved), step, from_saveable(restored[STATE_ITEM], target_state)
+    return _reopen(manager, workdir, keep, moved), None, target_state
+  except BaseException:
+    manager.close()
+    raise
+
+
+def _reopen(manager: ocp.CheckpointManager, workdir: str, keep: Optional[int], moved: bool) -> ocp.CheckpointManager:
+  """After steps were moved aside, a fresh manager (its step list is read when it is created)."""
+  if not moved:
+    return manager
+  manager.close()
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('ddpm_jax: unreadable checkpoints moved aside')
+  return create_manager(workdir, keep)
 
 
 def save_inference_checkpoint(workdir: str, step: int, params: Any, ema_params: Any) -> str:
@@ -136,7 +184,7 @@ def restore_inference_params(workdir: str, step: Optional[int] = None) -> tuple[
       except Exception as e:  # pylint: disable=broad-except
         if step is not None:
           raise
-        logging.warning('Checkpoint at step %d is unreadable (%s); trying the previous one.', candidate, e)
+        logging.warning('Checkpoint step %d is unreadable (%s); using the previous one.', candidate, _reason(e))
         continue
       tree = restored[STATE_ITEM]
       return int(candidate), tree['params'], tree['ema_params']

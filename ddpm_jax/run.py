@@ -1,24 +1,60 @@
-"""Dispatch of `main.py --mode=train|sample|eval` to the library."""
+"""Dispatch of `main.py --mode=train|sample|eval` to the library, after every check that needs no compiling."""
 
 from __future__ import annotations
+
+import os
+import tempfile
 
 import ml_collections
 
 from ddpm_jax import config_validation
+from ddpm_jax.errors import ConfigError, WorkdirError
+
+MODES = ('train', 'sample', 'eval')
+
+
+def check_workdir(workdir: str, mode: str) -> None:
+  """The workdir exists (or can be created, for training) and takes files; raises `WorkdirError` otherwise."""
+  if '://' in workdir:
+    return  # object stores: orbax / the writers report their own errors
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f'--workdir={workdir} is a file, not a directory')
+  if mode != 'train' and not os.path.isdir(workdir):
+    raise WorkdirError(f'--workdir={workdir} does not exist: train first (--mode=train), or convert released '
+                       'weights with `python -m ddpm_jax.convert`')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_check_'):
+      pass
+  except OSError as e:
+    raise WorkdirError(f'--workdir={workdir} is not writable ({e.strerror or e}); choose a writable directory'
+                       ) from None
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Validates `config` (before anything compiles), then trains, samples or evaluates in `workdir`."""
+  """Validates `config`, the data and `workdir` (before anything compiles), then trains, samples or evaluates."""
   import jax  # pylint: disable=g-import-not-at-top
+  if mode not in MODES:
+    raise ConfigError(f'--mode={mode!r} is invalid: must be one of {list(MODES)}')
   config_validation.validate_config(config, jax.device_count())
+  check_workdir(workdir, mode)
+  from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  if mode in ('train', 'eval'):
+    input_pipeline.check_data(config, _splits(config, mode))
   if mode == 'train':
     from ddpm_jax import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, workdir)
   elif mode == 'sample':
     from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
     sampling.sample_and_export(config, workdir)
-  elif mode == 'eval':
+  else:
     from ddpm_jax import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.evaluate(config, workdir)
-  else:
-    raise config_validation.ConfigError(f'--mode={mode!r} is invalid: must be one of train, sample, eval')
+
+
+def _splits(config: ml_collections.ConfigDict, mode: str) -> dict[str, str]:
+  """The splits a mode reads, by the field that names them (training also checks the eval split it will need)."""
+  splits = {'data.train_split': config.data.train_split, 'data.eval_split': config.data.eval_split}
+  if mode == 'eval' and not (config.eval.fid or config.eval.bpd):
+    return {}
+  return splits

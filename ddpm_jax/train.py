@@ -10,11 +10,10 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Optional
 
 from absl import logging
 from clu import metric_writers
-from clu import periodic_actions
 import flax
 import jax
 import jax.numpy as jnp
@@ -23,6 +22,7 @@ import numpy as np
 
 from ddpm_jax import checkpointing
 from ddpm_jax import config_validation
+from ddpm_jax import console
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import images as images_lib
 from ddpm_jax import input_pipeline
@@ -30,12 +30,10 @@ from ddpm_jax import models
 from ddpm_jax import sampling
 from ddpm_jax import sharding
 from ddpm_jax import train_state as train_state_lib
+from ddpm_jax import workdir_lock
+from ddpm_jax.errors import TrainingDivergedError
 
 PMAP_AXIS = 'batch'
-
-
-class TrainingDivergedError(RuntimeError):
-  """Too many consecutive non-finite updates: the run stops rather than train on garbage."""
 
 
 class _PreemptionFlag:
@@ -51,7 +49,7 @@ class _PreemptionFlag:
     return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning('SIGTERM received: saving a checkpoint and exiting.')
+    logging.warning('SIGTERM received: saving a checkpoint and exiting after this step.')
     self.requested = True
 
   def __exit__(self, *exc):
@@ -138,13 +136,56 @@ class Trainer:
     return metrics
 
 
-def _summarize(metrics: dict[str, np.ndarray]) -> dict[str, float]:
-  """Averages metrics over the scanned steps of one call (counters: the last value)."""
-  out = {}
-  for name, values in metrics.items():
-    values = np.asarray(values)
-    out[name] = float(values[-1] if name in ('skipped_updates', 'consecutive_skips', 'lr') else values.mean())
-  return out
+class _MetricWindow:
+  """Device metrics of the calls since the last `take()`; averaged on the host only when asked (no per-step sync)."""
+
+  def __init__(self):
+    self._calls: list[dict[str, Any]] = []
+
+  def add(self, metrics: dict[str, Any]) -> None:
+    self._calls.append(metrics)
+
+  def __bool__(self) -> bool:
+    return bool(self._calls)
+
+  def take(self) -> dict[str, float]:
+    """Mean of every metric over the steps of the window (counters and lr: their last value); empties it."""
+    calls, self._calls = jax.device_get(self._calls), []
+    out = {}
+    for name in calls[0]:
+      values = np.concatenate([np.asarray(c[name]).reshape(-1) for c in calls])
+      out[name] = float(values[-1] if name in _LAST_VALUE_METRICS else values.mean())
+    return out
+
+
+_LAST_VALUE_METRICS = ('skipped_updates', 'consecutive_skips', 'lr')
+
+
+class _Health:
+  """Decides whether the weights of the current step are worth a checkpoint (see `training.loss_spike_factor`).
+
+  Unhealthy: a streak of skipped (non-finite) updates is in progress, the loss of the steps since the last check is
+  not finite, or it is above `spike_factor` times the lowest window loss seen in this process (a blow-up with finite
+  weights, e.g. a far too high learning rate: the parameters grow by orders of magnitude before anything overflows).
+  """
+
+  def __init__(self, spike_factor: float):
+    self.spike_factor = spike_factor
+    self.best_loss = float('inf')
+    self.problem: Optional[str] = None
+
+  def update(self, summary: dict[str, float], step: int) -> None:
+    loss, skips = summary['loss'], int(summary['consecutive_skips'])
+    if skips:
+      self.problem = f'{skips} consecutive skipped (non-finite) updates at step {step}'
+    elif not np.isfinite(loss):
+      self.problem = f'non-finite loss at step {step}'
+    elif self.spike_factor and loss > self.spike_factor * self.best_loss:
+      self.problem = (f'loss {loss:.4g} at step {step} is over training.loss_spike_factor={self.spike_factor:g} '
+                      f'times the lowest so far ({self.best_loss:.4g})')
+    else:
+      self.problem = None
+      self.best_loss = min(self.best_loss, loss)
 
 
 def _params_finite(state: train_state_lib.TrainState) -> bool:
@@ -152,77 +193,141 @@ def _params_finite(state: train_state_lib.TrainState) -> bool:
   return bool(jax.device_get(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))))
 
 
+def _log_run(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, restored_step: Optional[int]) -> None:
+  """The resolved run, in a few lines: what is trained on what, where it goes."""
+  info = input_pipeline.dataset_info(config)
+  num_params = sum(x.size for x in jax.tree.leaves(trainer.host_state().params))
+  h, w, c = info.image_shape
+  devices = jax.devices()
+  logging.info('Data: %s %s, %d training examples (%dx%dx%d)%s', config.data.dataset, config.data.train_split,
+               info.num_examples(config.data.train_split), h, w, c,
+               f', {info.num_classes} classes' if config.model.num_classes else '')
+  logging.info('Model: U-Net, %s parameters, %s; T=%d, %s schedule, %s/%s, loss %s', f'{num_params:,}',
+               config.model.dtype, config.diffusion.num_timesteps, config.diffusion.schedule,
+               config.diffusion.mean_type, config.diffusion.var_type, config.diffusion.loss_type)
+  logging.info('Devices: %d x %s (%d process%s, %s); global batch %d, %d steps', len(devices),
+               devices[0].device_kind, jax.process_count(), 'es' if jax.process_count() > 1 else '',
+               config.training.parallelism, config.training.batch_size, config.training.num_steps)
+  logging.info('Workdir: %s (%s)', os.path.abspath(workdir),
+               f'resuming from step {restored_step}' if restored_step is not None else 'new run')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_state_lib.TrainState:
   """Trains (resuming from the newest readable checkpoint in `workdir`) until `training.num_steps`.
 
-  Returns the final state (single-copy layout).
+  Holds the workdir's training lock throughout (one run per workdir). Returns the final state (single-copy
+  layout). Raises `TrainingDivergedError` after `training.max_consecutive_skips` skipped updates in a row.
   """
   config_validation.validate_config(config, jax.device_count())
   check_dataset(config)
+  os.makedirs(workdir, exist_ok=True)
+  with workdir_lock.WorkdirLock(workdir, jax.process_index()):
+    return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> train_state_lib.TrainState:
   write_config(config, workdir)
   tc = config.training
+  started = time.monotonic()
 
   trainer = Trainer(config, workdir)
   train_iter = input_pipeline.create_train_iterator(config)
-  manager = checkpointing.create_manager(workdir, tc.keep_checkpoints)
-  restored_step, state = checkpointing.restore_latest(
-      manager, trainer.host_state(), lambda: input_pipeline.checkpoint_restore_args(train_iter))
+  manager, restored_step, state = checkpointing.restore_latest(
+      workdir, tc.keep_checkpoints, trainer.host_state(),
+      lambda: input_pipeline.checkpoint_restore_args(train_iter))
   trainer.set_state(state)
-  if restored_step is not None:
-    logging.info('Resumed from the checkpoint at step %d.', restored_step)
   step = int(jax.device_get(trainer.host_state().step))
+  _log_run(config, workdir, trainer, restored_step)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  is_chief = jax.process_index() == 0
+  writer = metric_writers.SummaryWriter(workdir) if is_chief else metric_writers.MultiWriter([])
   if step == 0:
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     writer.write_hparams({'num_params': num_params, **{k: str(v) for k, v in _flat(config).items()}})
-  progress = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer,
-                                             every_steps=tc.log_every)
 
   sample_fn = None
   if tc.sample_every:
     sample_fn = sampling.make_sample_fn(config, trainer.model, trainer.diffusion, trainer.mesh,
                                         config.sample.batch_size)
 
-  def save(at_step: int) -> None:
-    host_state = trainer.host_state()
-    if not _params_finite(host_state):
-      raise TrainingDivergedError(f'non-finite parameters at step {at_step}: refusing to checkpoint them')
-    checkpointing.save(manager, at_step, host_state, input_pipeline.checkpoint_save_args(train_iter), force=True)
+  log_window, health_window = _MetricWindow(), _MetricWindow()
+  health = _Health(tc.loss_spike_factor)
+  throughput = console.Throughput(tc.num_steps)
+  last_saved = restored_step
+  last_summary: dict[str, float] = {}
+
+  def check_health() -> None:
+    """Updates `health` with the steps since the last check; stops the run on a streak of skipped updates."""
+    if not health_window:
+      return
+    summary = health_window.take()
+    health.update(summary, step)
+    if summary['consecutive_skips'] >= tc.max_consecutive_skips:
+      raise TrainingDivergedError(
+          f'training diverged: {int(summary["consecutive_skips"])} consecutive non-finite updates at step {step} '
+          f'(training.max_consecutive_skips={tc.max_consecutive_skips}); the last good checkpoint '
+          f'{"is step " + str(last_saved) if last_saved is not None else "does not exist"}. Lower optim.lr, set '
+          f'optim.grad_clip, check the data, or use a fixed variance')
+
+  def save() -> None:
+    nonlocal last_saved
+    check_health()
+    if health.problem is not None or not _params_finite(trainer.host_state()):
+      logging.warning('Step %d: not saving a checkpoint: %s; the last one is %s.', step,
+                      health.problem or 'non-finite parameters',
+                      f'step {last_saved}' if last_saved is not None else 'none')
+      return
+    checkpointing.save(manager, step, trainer.host_state(), input_pipeline.checkpoint_save_args(train_iter),
+                       force=True)
+    last_saved = step
+    logging.info('Step %d: checkpoint saved in %s', step, checkpointing.checkpoint_dir(workdir))
 
   k = tc.steps_per_call
-  last_saved = restored_step
+  compiled = False
+  logging.info('Compiling the train step (%d step%s per call)...', k, 's' if k > 1 else '')
   try:
     with _PreemptionFlag() as preemption, metric_writers.ensure_flushes(writer):
       while step < tc.num_steps:
         if preemption.requested:
+          logging.warning('SIGTERM: stopping at step %d.', step)
           break
         local = [next(train_iter) for _ in range(k)]
         batches = jax.tree.map(lambda *xs: np.stack(xs), *local)
         metrics = trainer.step(batches)
-        now = time.time()
-        for done in range(step + 1, step + k + 1):  # clu's periodic actions expect every step number once
-          progress(done, now)
+        log_window.add(metrics)
+        health_window.add(metrics)
         step += k
+        if not compiled:
+          compiled = True
+          jax.block_until_ready(metrics)
+          throughput.update(step)
+          logging.info('Step %d done: compiled and ran in %s.', step,
+                       console.format_duration(time.monotonic() - started))
 
         if step % tc.log_every == 0 or step >= tc.num_steps:
-          summary = _summarize(jax.device_get(metrics))
+          summary = log_window.take()
+          throughput.update(step)
+          if throughput.rate is not None:
+            summary['steps_per_sec'] = throughput.rate
           writer.write_scalars(step, summary)
-          if summary['consecutive_skips'] >= tc.max_consecutive_skips:
-            raise TrainingDivergedError(
-                f'{int(summary["consecutive_skips"])} consecutive non-finite updates at step {step} '
-                f'(training.max_consecutive_skips={tc.max_consecutive_skips}); the last good checkpoint is '
-                f'kept. Lower optim.lr, check the data, or use a fixed variance.')
+          last_summary = summary
+          logging.info('Step %d/%d (%d%%): loss %.4f, %s steps/s, ETA %s', step, tc.num_steps,
+                       100 * step // tc.num_steps, summary['loss'],
+                       f'{throughput.rate:.2f}' if throughput.rate else '?',
+                       console.format_duration(throughput.eta()))
+          check_health()
         if sample_fn is not None and step % tc.sample_every == 0:
           _write_sample_grid(config, trainer, sample_fn, writer, workdir, step)
         if step % tc.checkpoint_every == 0 or step >= tc.num_steps:
-          save(step)
-          last_saved = step
+          save()
       if step != last_saved:
-        save(step)  # preempted between checkpoints
+        save()  # preempted between checkpoints
   finally:
     manager.wait_until_finished()
     manager.close()
+  logging.info('Finished at step %d in %s%s; checkpoints in %s', step,
+               console.format_duration(time.monotonic() - started),
+               f', last loss {last_summary["loss"]:.4f}' if last_summary else '', checkpointing.checkpoint_dir(workdir))
   return trainer.host_state()
 
 
@@ -233,7 +338,9 @@ def _write_sample_grid(config, trainer: Trainer, sample_fn, writer, workdir: str
                               config.sample.batch_size)
   grid = images_lib.make_grid(*sampling.grid_layout(config, samples, labels))
   if jax.process_index() == 0:
-    images_lib.save_png(grid, os.path.join(workdir, 'samples', f'train_step_{step}.png'))
+    path = os.path.join(workdir, 'samples', f'train_step_{step}.png')
+    images_lib.save_png(grid, path)
+    logging.info('Step %d: sample grid (EMA) written to %s', step, path)
   writer.write_images(step, {'samples': grid[None]})
 
 

@@ -9,8 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app  # pylint: disable=g-import-not-at-top
-import tensorflow_datasets as tfds
+import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
 import main as main_lib
 
@@ -18,4 +17,4 @@ MOCK_EXAMPLES = 64
 
 if __name__ == '__main__':
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
-    app.run(main_lib.main)
+    main_lib.entry()

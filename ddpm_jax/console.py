@@ -1,0 +1,118 @@
+"""The console: what a person running ddpm_jax reads, and how long things will take.
+
+By default only ddpm_jax's own log lines are printed (as `HH:MM:SS message`), plus warnings and errors of other
+libraries that are not known chatter. orbax, absl, TensorFlow, clu and jax's backend-probing INFO lines appear with
+`--verbosity=1` (absl's flag), in absl's usual format.
+
+`Throughput` measures the rate on completed work only (the first unit, which includes compilation, is excluded) and
+turns it into an ETA; `format_duration` is the one way durations are written.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import time
+from typing import Optional
+
+from absl import logging
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_MAIN = os.path.join(os.path.dirname(_PACKAGE_DIR), 'main.py')
+# Third-party warnings that say nothing a researcher can act on.
+_CHATTER = (
+    'Unable to initialize backend',           # jax probing for TPU/GPU on a CPU machine
+    'An NVIDIA GPU may be present',           # jax, same
+    'Event loop is closed',                   # orbax/tensorstore shutdown after a failed restore
+    'Closing _NonBlockingMetadataStore',
+    'Waiting for previous save to complete',  # orbax: a save while the previous one is still being written
+)
+# Loggers whose records never carry user-facing information below ERROR.
+_QUIET_LOGGERS = ('jax._src.xla_bridge', 'orbax', 'absl', 'tensorflow', 'grain', 'asyncio', 'clu')
+
+
+class _ConsoleFilter(std_logging.Filter):
+  """Passes ddpm_jax's records, and third-party warnings that are not known chatter."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    path = os.path.abspath(record.pathname or '')
+    ours = path.startswith(_PACKAGE_DIR + os.sep) or path == _MAIN
+    if ours:
+      return True
+    if record.levelno < std_logging.WARNING:
+      return False
+    message = record.getMessage()
+    return not any(text in message for text in _CHATTER)
+
+
+class _ShortFormatter(std_logging.Formatter):
+  """`HH:MM:SS message`; warnings and errors say so."""
+
+  def format(self, record: std_logging.LogRecord) -> str:
+    stamp = time.strftime('%H:%M:%S', time.localtime(record.created))
+    level = '' if record.levelno < std_logging.WARNING else f'{record.levelname.lower()}: '
+    return f'{stamp} {level}{record.getMessage()}'
+
+
+def setup(verbosity: int = 0) -> None:
+  """Configures the console for a run; `verbosity >= 1` keeps every library's logs in absl's format."""
+  if verbosity >= 1:
+    return
+  handler = logging.get_absl_handler()
+  handler.addFilter(_ConsoleFilter())
+  handler.setFormatter(_ShortFormatter())
+  # Python-logging records of these libraries go through the same handler; stop INFO chatter at its source too.
+  for name in _QUIET_LOGGERS:
+    if name != 'absl':
+      std_logging.getLogger(name).setLevel(std_logging.WARNING)
+
+
+def format_duration(seconds: Optional[float]) -> str:
+  """`2h05m`, `3m07s`, `42s`, `0.8s`; '?' when unknown."""
+  if seconds is None or seconds != seconds or seconds < 0:
+    return '?'
+  if seconds < 10:
+    return f'{seconds:.1f}s'
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  if hours:
+    return f'{hours}h{minutes:02d}m'
+  if minutes:
+    return f'{minutes}m{secs:02d}s'
+  return f'{secs}s'
+
+
+class Throughput:
+  """Rate of completed units (steps, batches, timestep chunks) and the time left for `total`.
+
+  `start(done)` marks the first completed unit (its time includes compilation and is not counted); `update(done)`
+  after each later completed unit. Before two completions the rate and ETA are unknown (None).
+  """
+
+  def __init__(self, total: int, clock=time.monotonic):
+    self.total = total
+    self._clock = clock
+    self._first: Optional[tuple[int, float]] = None
+    self._last: Optional[tuple[int, float]] = None
+
+  def update(self, done: int) -> None:
+    now = self._clock()
+    if self._first is None:
+      self._first = (done, now)
+    self._last = (done, now)
+
+  @property
+  def rate(self) -> Optional[float]:
+    """Units per second over the completed units after the first."""
+    if self._first is None or self._last is None or self._last[0] <= self._first[0]:
+      return None
+    elapsed = self._last[1] - self._first[1]
+    return (self._last[0] - self._first[0]) / elapsed if elapsed > 0 else None
+
+  def eta(self) -> Optional[float]:
+    """Seconds until `total`, at the measured rate."""
+    rate = self.rate
+    if rate is None or self._last is None:
+      return None
+    return max(0, self.total - self._last[0]) / rate

@@ -1,0 +1,24 @@
+"""The errors a person can fix: printed by `main.py` as one line `ddpm_jax: error: ...`, exit code 2, no traceback.
+
+They live here, below every other module, so that checkpointing, data sources or the Inception weights can raise
+them without importing the config validator.
+"""
+
+
+class UserError(Exception):
+  """An error in what the user asked for (config, data, checkpoint, workdir): one line, no traceback."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config field holds a value that is not allowed. The message is one line naming the field."""
+
+
+class WorkdirError(UserError, OSError):
+  """The workdir cannot be used (not writable, not a directory)."""
+
+
+class TrainingDivergedError(RuntimeError):
+  """Training diverged (a streak of non-finite updates): the run stops, keeping its last good checkpoint.
+
+  Not a `UserError` (exit code 1, not 2), but also printed as one line without a traceback.
+  """
