@@ -43,30 +43,40 @@ def _config_arg(argv) -> str:
   return values[-1] if values else '?'
 
 
+def _config_file_error(argv, e: BaseException) -> None:
+  cause = e
+  while cause.__cause__ is not None or cause.__context__ is not None:
+    cause = cause.__cause__ or cause.__context__
+  last = [line.strip() for line in str(cause).splitlines() if line.strip()]
+  _fail(f'--config={_config_arg(argv)}: cannot load the config file ({type(cause).__name__}: '
+        f'{last[-1] if last else cause})')
+
+
 def parse_flags(argv):
-  """absl's flag parsing, with every error as one line (an unknown config field included)."""
+  """absl's flag parsing, with every error as one line: a bad flag, an unknown config field, a broken config file."""
   try:
     return FLAGS(argv)
   except flags.Error as e:
     _fail(f'{e} (see --helpshort)')
-  except (KeyError, AttributeError) as e:  # ml_collections: an override of a field the config does not have
-    key = str(e.args[0] if e.args else e).strip('\'"')
-    overrides = [a.split('=', 1)[0] for a in argv if a.startswith('--config.')]
-    named = [o for o in overrides if key in o[len('--config.'):].split('.')] or overrides
-    _fail(f'{" / ".join(named) or "--config"}: the config from --config={_config_arg(argv)} has no field {key!r} '
-          '(every field is listed, with what it does, in configs/default.py)')
+  except Exception as e:  # pylint: disable=broad-except  (the config file is user code: anything can come out)
+    if isinstance(e, (KeyError, AttributeError)):  # ml_collections: an override of a field the config lacks
+      text = str(e.args[0] if e.args else e).strip('\'"')
+      key, hint = text.splitlines()[0].strip('\'"'), ' '.join(text.splitlines()[1:])  # "Did you mean ...?"
+      overrides = [a.split('=', 1)[0] for a in argv if a.startswith('--config.')]
+      named = [o for o in overrides if key in o[len('--config.'):].split('.')]
+      if named:
+        _fail(f'{" / ".join(named)}: the config from --config={_config_arg(argv)} has no field {key!r}'
+              f'{" (" + hint + ")" if hint else ""}; every field is listed, with what it does, in configs/default.py')
+    _config_file_error(argv, e)
 
 
 def _load_config(argv):
   try:
-    return FLAGS.config
-  except (OSError, ImportError, SyntaxError, AttributeError, KeyError, TypeError, ValueError) as e:
-    cause = e
-    while cause.__cause__ is not None or cause.__context__ is not None:
-      cause = cause.__cause__ or cause.__context__
-    last = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    _fail(f'--config={_config_arg(argv)}: cannot load the config file ({type(cause).__name__}: '
-          f'{last[-1] if last else cause})')
+    config = FLAGS.config
+    config.to_dict()  # a file that failed to load gives a placeholder that raises on first use: use it here
+    return config
+  except Exception as e:  # pylint: disable=broad-except
+    _config_file_error(argv, e)
 
 
 def main(argv):

@@ -36,6 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.data_dir = config_dict.placeholder(str)
   # Directory of PNG/JPEG images for `dataset='folder'` (sub-directories = classes when the model is conditional).
   data.path = config_dict.placeholder(str)
+  # `dataset='folder'`: replace an unreadable image file (corrupt, truncated, not an image) by the next readable one
+  # in file order, logging one warning naming it, instead of stopping with an error naming it.
+  data.skip_bad_images = False
   # Grain worker processes for decoding/augmenting (0 = in the main process; fine for 32x32 data).
   data.num_workers = 0
   # Batches prefetched per worker.
@@ -114,6 +117,10 @@ def get_config() -> ml_collections.ConfigDict:
   training.parallelism = 'jit'
   # Stop the run after this many consecutive skipped (non-finite) updates.
   training.max_consecutive_skips = 20
+  # No checkpoint is written while the loss since the last log line is above this multiple of the lowest such loss
+  # so far, or the parameter norm above this multiple of its value at (re)start: a blow-up whose weights are still
+  # finite. The run goes on and saves once both are back below. 0 = off.
+  training.blowup_factor = 100.0
   # Probability of replacing the label by the null class (classifier-free guidance); conditional models only.
   training.label_dropout = 0.1
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from ddpm_jax import checkpointing
 from ddpm_jax import config_validation
@@ -162,27 +163,33 @@ _LAST_VALUE_METRICS = ('skipped_updates', 'consecutive_skips', 'lr')
 
 
 class _Health:
-  """Decides whether the weights of the current step are worth a checkpoint (see `training.loss_spike_factor`).
+  """Decides whether the weights of the current step are worth a checkpoint (see `training.blowup_factor`).
 
   Unhealthy: a streak of skipped (non-finite) updates is in progress, the loss of the steps since the last check is
-  not finite, or it is above `spike_factor` times the lowest window loss seen in this process (a blow-up with finite
-  weights, e.g. a far too high learning rate: the parameters grow by orders of magnitude before anything overflows).
+  not finite, it is above `factor` times the lowest such loss seen by this process, or the parameter norm is above
+  `factor` times its value when this process started. The last two catch a blow-up whose weights are still finite
+  (e.g. a far too high learning rate: the parameters grow by orders of magnitude before anything overflows, and the
+  first loss window may already be blown up, so the loss alone has no reference yet).
   """
 
-  def __init__(self, spike_factor: float):
-    self.spike_factor = spike_factor
+  def __init__(self, factor: float, initial_param_norm: float):
+    self.factor = factor
+    self.initial_param_norm = initial_param_norm
     self.best_loss = float('inf')
     self.problem: Optional[str] = None
 
   def update(self, summary: dict[str, float], step: int) -> None:
-    loss, skips = summary['loss'], int(summary['consecutive_skips'])
+    loss, skips, norm = summary['loss'], int(summary['consecutive_skips']), summary['param_norm']
+    limit = f'training.blowup_factor={self.factor:g} times'
     if skips:
       self.problem = f'{skips} consecutive skipped (non-finite) updates at step {step}'
     elif not np.isfinite(loss):
       self.problem = f'non-finite loss at step {step}'
-    elif self.spike_factor and loss > self.spike_factor * self.best_loss:
-      self.problem = (f'loss {loss:.4g} at step {step} is over training.loss_spike_factor={self.spike_factor:g} '
-                      f'times the lowest so far ({self.best_loss:.4g})')
+    elif self.factor and loss > self.factor * self.best_loss:
+      self.problem = f'loss {loss:.4g} at step {step} is over {limit} the lowest so far ({self.best_loss:.4g})'
+    elif self.factor and norm > self.factor * self.initial_param_norm:
+      self.problem = (f'parameter norm {norm:.4g} at step {step} is over {limit} its value at the start of this '
+                      f'run ({self.initial_param_norm:.4g})')
     else:
       self.problem = None
       self.best_loss = min(self.best_loss, loss)
@@ -251,7 +258,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> train_state_lib.T
                                         config.sample.batch_size)
 
   log_window, health_window = _MetricWindow(), _MetricWindow()
-  health = _Health(tc.loss_spike_factor)
+  health = _Health(tc.blowup_factor, float(jax.device_get(optax.global_norm(trainer.host_state().params))))
   throughput = console.Throughput(tc.num_steps)
   last_saved = restored_step
   last_summary: dict[str, float] = {}
@@ -273,9 +280,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> train_state_lib.T
     nonlocal last_saved
     check_health()
     if health.problem is not None or not _params_finite(trainer.host_state()):
-      logging.warning('Step %d: not saving a checkpoint: %s; the last one is %s.', step,
-                      health.problem or 'non-finite parameters',
-                      f'step {last_saved}' if last_saved is not None else 'none')
+      logging.warning('Step %d: not saving a checkpoint: %s; %s.', step, health.problem or 'non-finite parameters',
+                      f'the last one is step {last_saved}' if last_saved is not None else 'none written yet')
       return
     checkpointing.save(manager, step, trainer.host_state(), input_pipeline.checkpoint_save_args(train_iter),
                        force=True)
