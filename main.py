@@ -10,9 +10,10 @@ Anything the user can fix (a flag, a config field or file, the workdir, the data
 import os
 import sys
 
-# TensorFlow (imported by tfds and the TensorBoard writer) must never claim accelerator memory, nor talk; set before
+# TensorFlow (imported by tfds and the TensorBoard writer) must never claim accelerator memory, nor talk: set before
 # anything can import it.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # TF computes nothing here; this only silences its notice
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags

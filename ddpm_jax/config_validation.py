@@ -10,6 +10,8 @@ from typing import Any, Iterable, Optional
 
 import ml_collections
 
+from ddpm_jax.errors import ConfigError, UserError  # pylint: disable=unused-import  (re-exported)
+
 DATASETS = ('cifar10', 'celeb_a', 'celeb_a_hq', 'lsun/church_outdoor', 'lsun/bedroom', 'lsun/cat', 'mnist',
             'fashion_mnist', 'folder', 'mnist5k')
 SCHEDULES = ('linear', 'quad', 'const', 'jsd', 'warmup10', 'warmup50', 'cosine')
@@ -22,14 +24,6 @@ DTYPES = ('float32', 'bfloat16')
 CONV_WGRAD = ('auto', 'xla', 'gemm')
 SAMPLE_METHODS = ('ancestral', 'ddim')
 GROUPNORM_GROUPS = 32
-
-
-class UserError(Exception):
-  """An error in what the user asked for (config, data, checkpoint): printed as one line, no traceback."""
-
-
-class ConfigError(UserError, ValueError):
-  """A config field holds a value that is not allowed. The message is one line naming the field."""
 
 
 def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
@@ -94,8 +88,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   _require(all(config.model.ch * m % GROUPNORM_GROUPS == 0 for m in ch_mult), 'model.ch', config.model.ch,
            f'ch * every ch_mult must divide by {GROUPNORM_GROUPS} (GroupNorm groups)')
   _positive_int(config, 'model.num_res_blocks')
-  _require(all(isinstance(r, int) and r > 0 for r in config.model.attn_resolutions), 'model.attn_resolutions',
-           config.model.attn_resolutions, 'must be a tuple of positive feature-map sizes, e.g. (16,)')
   _in_range(config, 'model.dropout', 0.0, 1.0)
   _one_of(config, 'model.dtype', DTYPES)
   _one_of(config, 'model.conv_wgrad', CONV_WGRAD)
@@ -106,6 +98,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   levels = len(ch_mult) - 1
   _require(side % (2 ** levels) == 0, 'data.image_size', side,
            f'must divide by 2**(len(model.ch_mult) - 1) = {2 ** levels} for the U-Net to downsample')
+  # The U-Net attends at a level whose feature-map side is listed (models/unet.py); other entries would be ignored.
+  sides = [side // 2 ** i for i in range(len(ch_mult))]
+  attn = config.model.attn_resolutions
+  _require(all(r in sides for r in attn), 'model.attn_resolutions', attn,
+           f'every entry must be a feature-map side of the U-Net, one of {sides} (image side {side} halved per '
+           f'model.ch_mult level)')
 
   # diffusion
   _one_of(config, 'diffusion.schedule', SCHEDULES)
@@ -141,8 +139,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
            'training.sample_every', config.training.sample_every, 'must be an integer >= 0 (0 = never)')
   _in_range(config, 'training.ema_decay', 0.0, 1.0)
   _in_range(config, 'training.label_dropout', 0.0, 1.0)
+  _in_range(config, 'training.blowup_factor', 0.0, float('inf'))
   spc = config.training.steps_per_call
-  for field in ('log_every', 'checkpoint_every', 'sample_every'):
+  for field in ('num_steps', 'log_every', 'checkpoint_every', 'sample_every'):
     value = config.training[field]
     _require(value % spc == 0, f'training.{field}', value,
              f'must be a multiple of training.steps_per_call ({spc})')
@@ -161,6 +160,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   # sample
   _one_of(config, 'sample.method', SAMPLE_METHODS)
   _in_range(config, 'sample.eta', 0.0, float('inf'))
+  _require(config.sample.method == 'ddim' or config.sample.eta == 0.0, 'sample.eta', config.sample.eta,
+           f"must be 0 with sample.method={config.sample.method!r} (eta is DDIM's; use sample.method='ddim')")
   _positive_int(config, 'sample.num_samples')
   _positive_int(config, 'sample.batch_size')
   _in_range(config, 'sample.guidance_scale', 0.0, float('inf'))
@@ -172,8 +173,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
              config.sample.guidance_scale,
              'needs training.label_dropout > 0 (otherwise the null-class embedding is never trained)')
   else:
+    unconditional = 'for an unconditional model (model.num_classes=0)'
     _require(config.sample.guidance_scale == 0.0, 'sample.guidance_scale', config.sample.guidance_scale,
-             'must be 0 for an unconditional model (model.num_classes=0)')
+             f'must be 0 {unconditional}')
+    _require(label == -1, 'sample.class_label', label, f'must be -1 {unconditional}')
   _validate_respacing(config)
 
   # eval

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 
 from ddpm_jax import config_validation
-from ddpm_jax.config_validation import UserError
+from ddpm_jax.errors import UserError
 
 WEIGHT_NAMES = ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.bin')
 SCHEDULER_CONFIGS = ('scheduler_config.json', os.path.join('scheduler', 'scheduler_config.json'))

@@ -14,6 +14,11 @@ Resumable: partial sums, the sample feature accumulator and the reference-statis
 atomically (tmp file + os.replace) under `<workdir>/eval/` at most every `PROGRESS_SAVE_SECONDS`, and a restarted
 evaluation skips what was done. Deterministic: every batch has its own key (`fold_in(stream, batch_index)`) and
 host sums are float64 in a fixed order, so a resumed run gives bit-identical numbers.
+
+Tells how long it takes: the first line is the plan (checkpoint step; bits/dim examples, batches and timesteps;
+FID samples, batches and sampler; each reference split computed or read from its cache), then progress lines with a
+rate and an ETA per phase (bits/dim between chunks of `BPD_CHUNK_TIMESTEPS` timesteps, since one batch of the
+bound is T network calls), and the last line says where the results were written.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from absl import logging
 from clu import metric_writers
@@ -34,11 +39,13 @@ import numpy as np
 
 from ddpm_jax import checkpointing
 from ddpm_jax import config_validation
+from ddpm_jax import console
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import images as images_lib
 from ddpm_jax import input_pipeline
 from ddpm_jax import likelihood
 from ddpm_jax import models
+from ddpm_jax import samplers
 from ddpm_jax import sampling
 from ddpm_jax import sharding
 from ddpm_jax import train_state as train_state_lib
@@ -46,6 +53,11 @@ from ddpm_jax.evaluation import metrics
 
 # Progress is written at most this often (and always after the last batch of a phase).
 PROGRESS_SAVE_SECONDS = 60.0
+# Progress lines are logged at most this often (and when the first ETA is known, and after the last unit).
+PROGRESS_LOG_SECONDS = 10.0
+# Largest number of timesteps of the bound per compiled call, between which progress is logged. About 20 s per
+# chunk for the quickstart's 100 examples on a 2-core CPU; on CPU 40 chunks of 25 run as fast as one scan of 1000.
+BPD_CHUNK_TIMESTEPS = 25
 # fold_in constant of the bits/dim noise stream (the training streams use 0, 1, 2).
 BPD_STREAM = 0xB9D
 # Reverse-process times t (paper indexing, 1..T, for T = 1000) of the rate-distortion table; scaled to other T.
@@ -115,6 +127,40 @@ class _Progress:
       shutil.rmtree(self.directory)
 
 
+class _ProgressLog:
+  """When to log a progress line of a phase of `total` units, and its rate and ETA (`console.Throughput`, which
+  leaves out the first unit, compilation included). Due at most every `PROGRESS_LOG_SECONDS`, as soon as an ETA
+  is known and at the last unit, so a phase of many fast units does not flood the console."""
+
+  def __init__(self, total: int):
+    self.throughput = console.Throughput(total)
+    self._start = self._last_log = time.monotonic()
+    self._eta_logged = False
+
+  def due(self, done: int) -> bool:
+    """Records that `done` units are complete; True if a line should be logged now."""
+    self.throughput.update(done)
+    now = time.monotonic()
+    first_eta = not self._eta_logged and self.throughput.rate is not None
+    if first_eta or done >= self.throughput.total or now - self._last_log >= PROGRESS_LOG_SECONDS:
+      self._last_log = now
+      self._eta_logged = self._eta_logged or first_eta
+      return True
+    return False
+
+  def rate(self, items_per_unit: int = 1, item: str = 'batch', items: str = 'batches') -> str:
+    """`16s/batch` below one item per second, else `3.2 batches/s`; before the rate is known (one unit done), the
+    time so far, which includes compilation."""
+    rate = self.throughput.rate
+    if rate is None:
+      return f'{console.format_duration(time.monotonic() - self._start)} with compilation'
+    rate *= items_per_unit
+    return f'{console.format_duration(1 / rate)}/{item}' if rate < 1 else f'{rate:.3g} {items}/s'
+
+  def eta(self) -> str:
+    return console.format_duration(self.throughput.eta())
+
+
 def _hash(obj: Any, length: int = 16) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
@@ -129,27 +175,51 @@ def _fingerprint(config: ml_collections.ConfigDict, step: int) -> str:
 # ------------------------------------------------------------------------------------------------ bits/dim
 
 
-def make_bpd_fn(model, diffusion: diffusion_lib.Diffusion, mesh: jax.sharding.Mesh):
-  """Jitted `(params, images, labels, mask, rng) -> masked sums` of `likelihood.calc_bpd_loop` over the batch.
+def bpd_chunks(num_timesteps: int, max_chunk: Optional[int] = None) -> Tuple[int, int]:
+  """(timesteps per chunk K, number of chunks C) of the bound's T timesteps: C = ceil(T / max_chunk) calls of the
+  same K = ceil(T / C) timesteps, so one program is compiled and the last chunk pads at most C - 1 timesteps.
+  `max_chunk` defaults to `BPD_CHUNK_TIMESTEPS`."""
+  max_chunk = BPD_CHUNK_TIMESTEPS if max_chunk is None else max_chunk
+  num_chunks = -(-num_timesteps // max(1, min(max_chunk, num_timesteps)))
+  return -(-num_timesteps // num_chunks), num_chunks
 
-  The batch is sharded over the mesh; the sums (replicated, float32 per batch) count only mask=True examples, so
-  the padding of the last eval batch never enters the bound.
+
+def make_bpd_chunk_fn(model, diffusion: diffusion_lib.Diffusion, mesh: jax.sharding.Mesh, chunk_size: int):
+  """Jitted `(params, images, labels, mask, rng, first_t, vb_sum) -> sums` of K = `chunk_size` timesteps of the bound.
+
+  The chunk is t = first_t, first_t - 1, ..., first_t - K + 1 (walking down like the reverse process;
+  `likelihood.bpd_terms`, key fold_in(rng, t) per t as in `likelihood.calc_bpd_loop`); timesteps below 0 pad the
+  last chunk and are masked out. `vb_sum` (B,) carries each example's sum of the bound terms L_t of eq. 5 over the
+  chunks done so far; the returned 'vb_sum' adds this chunk's. The other sums are replicated, float32, and count
+  only mask=True examples, so the padding of the last eval batch never enters the bound: per-timestep (K,) sums
+  'vb', 'xstart_mse', 'eps_mse' of this chunk, and 'count', 'prior_bpd' (L_T), 'total_bpd' and 'total_bpd_sq'
+  (of L_T + vb_sum), which after the last chunk are the batch's.
   """
 
-  def sums(params, images, labels, mask, rng):
+  def chunk(params, images, labels, mask, rng, first_t, vb_sum):
     def model_fn(x_t, t):
       return model.apply({'params': params}, x_t, t, y=labels, train=False)
-    out = likelihood.calc_bpd_loop(diffusion, model_fn, images, rng)
+    timesteps = first_t - jnp.arange(chunk_size, dtype=jnp.int32)
+    real_t = (timesteps >= 0).astype(jnp.float32)
+    terms = likelihood.bpd_terms(diffusion, model_fn, images, rng, jnp.maximum(timesteps, 0))
+    vb = terms['vb'] * real_t
+    vb_sum = vb_sum + jnp.sum(vb, axis=1)
+    prior = likelihood.prior_bpd(diffusion, images.astype(diffusion.dtype))
+    total = vb_sum + prior
     w = mask.astype(jnp.float32)
 
     def wsum(x):  # elementwise product + sum, not a matmul (no reduced-precision passes on accelerators)
       return jnp.sum(w.reshape((-1,) + (1,) * (x.ndim - 1)) * x, axis=0)
-    return {'count': jnp.sum(w), 'total_bpd': wsum(out['total_bpd']),
-            'total_bpd_sq': wsum(jnp.square(out['total_bpd'])), 'prior_bpd': wsum(out['prior_bpd']),
-            'vb': wsum(out['vb']), 'xstart_mse': wsum(out['xstart_mse']), 'eps_mse': wsum(out['mse'])}
+    return {'vb_sum': vb_sum, 'vb': wsum(vb), 'xstart_mse': wsum(terms['xstart_mse'] * real_t),
+            'eps_mse': wsum(terms['mse'] * real_t), 'count': jnp.sum(w), 'prior_bpd': wsum(prior),
+            'total_bpd': wsum(total), 'total_bpd_sq': wsum(jnp.square(total))}
 
   replicated, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-  return jax.jit(sums, in_shardings=(replicated, batch, batch, batch, replicated), out_shardings=replicated)
+  out_shardings = {k: replicated for k in ('vb', 'xstart_mse', 'eps_mse', 'count', 'prior_bpd', 'total_bpd',
+                                           'total_bpd_sq')}
+  out_shardings['vb_sum'] = batch
+  return jax.jit(chunk, in_shardings=(replicated, batch, batch, batch, replicated, replicated, batch),
+                 out_shardings=out_shardings)
 
 
 def _pad_local(arrays: Dict[str, Optional[np.ndarray]], multiple: int) -> Dict[str, Optional[np.ndarray]]:
@@ -169,14 +239,29 @@ def _pad_local(arrays: Dict[str, Optional[np.ndarray]], multiple: int) -> Dict[s
   return out
 
 
-def _bpd_batch(bpd_fn, params, batch: Dict[str, np.ndarray], rng: jax.Array, mesh: jax.sharding.Mesh,
-               conditional: bool) -> Dict[str, np.ndarray]:
-  """One eval batch (this process's slice) through `bpd_fn`; returns the masked sums as float64 host arrays."""
+def _bpd_batch(chunk_fn, chunk_size: int, num_timesteps: int, params, batch: Dict[str, np.ndarray], rng: jax.Array,
+               mesh: jax.sharding.Mesh, conditional: bool,
+               on_chunk: Callable[[int], None] = lambda timesteps_done: None) -> Dict[str, np.ndarray]:
+  """The bound of one eval batch (this process's slice): `chunk_fn` over t = T-1 .. 0 in chunks, the host carrying
+  each example's partial sum between them; `on_chunk(timesteps done)` after each chunk. Returns the masked sums
+  of the batch as float64 host arrays (per-timestep ones (T,), indexed by t), the numbers of
+  `likelihood.calc_bpd_loop` on the batch up to float32 rounding."""
   local = _pad_local({'image': batch['image'], 'label': batch['label'] if conditional else None,
                       'mask': np.asarray(batch['mask'], bool)}, jax.local_device_count())
+  local['vb_sum'] = np.zeros(local['mask'].shape, np.float32)
   arrays = sharding.global_batch_array(local, sharding.batch_sharded(mesh))
-  sums = bpd_fn(params, arrays['image'], arrays['label'], arrays['mask'], rng)
-  return {k: np.asarray(v, np.float64) for k, v in jax.device_get(sums).items()}
+  vb_sum = arrays['vb_sum']
+  per_t = {k: np.zeros((num_timesteps,)) for k in ('vb', 'xstart_mse', 'eps_mse')}
+  for first_t in range(num_timesteps - 1, -1, -chunk_size):
+    out = chunk_fn(params, arrays['image'], arrays['label'], arrays['mask'], rng, first_t, vb_sum)
+    vb_sum = out.pop('vb_sum')
+    sums = {k: np.asarray(v, np.float64) for k, v in jax.device_get(out).items()}
+    timesteps = first_t - np.arange(chunk_size)
+    real = timesteps >= 0
+    for k in per_t:
+      per_t[k][timesteps[real]] = sums[k][real]
+    on_chunk(num_timesteps - int(timesteps[real][-1]))  # t = T-1 .. timesteps[-1] are done
+  return {**{k: sums[k] for k in ('count', 'prior_bpd', 'total_bpd', 'total_bpd_sq')}, **per_t}
 
 
 def bpd_key(seed: int) -> jax.Array:
@@ -184,12 +269,22 @@ def bpd_key(seed: int) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), BPD_STREAM)
 
 
+def bpd_iterator(config: ml_collections.ConfigDict) -> input_pipeline.EvalIterator:
+  """The batches of `data.eval_split` (`eval.bpd_num_examples` of it, 0 = all) whose bits/dim is reported."""
+  return input_pipeline.create_eval_iterator(config, config.data.eval_split, config.eval.bpd_batch_size,
+                                             num_examples=config.eval.bpd_num_examples)
+
+
 def compute_bpd(config: ml_collections.ConfigDict, model, diffusion: diffusion_lib.Diffusion,
-                mesh: jax.sharding.Mesh, params: Any, progress: _Progress) -> Dict[str, Any]:
-  """Bits/dim (eq. 5) of `data.eval_split` (`eval.bpd_num_examples` of it, 0 = all), resuming saved partial sums."""
-  cfg = config.eval
+                mesh: jax.sharding.Mesh, params: Any, progress: _Progress,
+                it: Optional[input_pipeline.EvalIterator] = None) -> Dict[str, Any]:
+  """Bits/dim (eq. 5) of the batches of `bpd_iterator(config)`, resuming saved partial sums (whole batches).
+
+  Logs the timesteps done of the batch and an ETA of the whole phase between chunks of timesteps (at most every
+  `PROGRESS_LOG_SECONDS`, and after every batch): one batch can take many minutes on a CPU.
+  """
   split = config.data.eval_split
-  it = input_pipeline.create_eval_iterator(config, split, cfg.bpd_batch_size, num_examples=cfg.bpd_num_examples)
+  it = it if it is not None else bpd_iterator(config)
   num_t = diffusion.num_timesteps
   state = progress.load('bpd')
   if state is None:
@@ -200,20 +295,29 @@ def compute_bpd(config: ml_collections.ConfigDict, model, diffusion: diffusion_l
   if done:
     logging.info('bits/dim: resuming after %d of %d batches.', done, len(it))
   if done < len(it):
-    bpd_fn = make_bpd_fn(model, diffusion, mesh)
+    chunk_size, num_chunks = bpd_chunks(num_t)
+    chunk_fn = make_bpd_chunk_fn(model, diffusion, mesh, chunk_size)
     key = bpd_key(config.seed)
     conditional = bool(config.model.num_classes)
-    start = time.time()
+    log = _ProgressLog((len(it) - done) * num_chunks)
     for b, batch in enumerate(it):
       if b < done:
         continue  # reading a done batch costs only its decoding
-      sums = _bpd_batch(bpd_fn, params, batch, jax.random.fold_in(key, b), mesh, conditional)
+
+      def on_chunk(timesteps_done, b=b):
+        chunks_done = (b - done) * num_chunks + -(-timesteps_done // chunk_size)
+        if log.due(chunks_done) and timesteps_done < num_t:
+          logging.info('bits/dim: batch %d/%d, timesteps %d/%d, %s, ETA %s', b + 1, len(it), timesteps_done, num_t,
+                       log.rate(chunk_size, 'timestep', 'timesteps'), log.eta())
+      sums = _bpd_batch(chunk_fn, chunk_size, num_t, params, batch, jax.random.fold_in(key, b), mesh, conditional,
+                        on_chunk)
       for k, v in sums.items():
         state[k] = state[k] + v
       state['batches_done'] = np.asarray(b + 1, np.int64)
       progress.save('bpd', state, force=b + 1 == len(it))
-      logging.info('bits/dim: batch %d/%d, running bpd %.4f (%.1fs)', b + 1, len(it),
-                   state['total_bpd'] / max(state['count'], 1), time.time() - start)
+      logging.info('bits/dim: batch %d/%d done, running bpd %.4f, %s, ETA %s', b + 1, len(it),
+                   state['total_bpd'] / max(state['count'], 1), log.rate(chunk_size, 'timestep', 'timesteps'),
+                   log.eta())
   return bpd_results(state, split)
 
 
@@ -303,18 +407,38 @@ def ref_stats_path(config: ml_collections.ConfigDict, split: str, protocol: Dict
   return os.path.join(eval_dir, f'ref_stats_{safe(d.dataset)}_{safe(split)}_{_hash(key, 12)}.npz')
 
 
-def reference_statistics(config: ml_collections.ConfigDict, split: str, net, eval_dir: str,
-                         mesh: jax.sharding.Mesh) -> Tuple[np.ndarray, np.ndarray, int, str]:
-  """(mu, sigma, count, cache file) of the Inception features of EVERY example of `split` (no dropped batch).
+class ReferenceSource(NamedTuple):
+  """Where the FID reference statistics of one split come from: the cache file when it is valid, else a pass over
+  every example of the split."""
+  key: str  # the result it serves: 'fid_train' or 'fid_test'
+  split: str
+  path: str  # the cache file (`ref_stats_path`)
+  iterator: input_pipeline.EvalIterator  # every example of the split, no dropped batch
+  cached: Optional[Tuple[np.ndarray, np.ndarray, int]]  # (mu, sigma, count) from the cache, None = to compute
 
-  Cached in `ref_stats_path`; the pass over the split is itself resumable (`<cache>.partial.npz`).
+
+def reference_sources(config: ml_collections.ConfigDict, net, eval_dir: str) -> List[ReferenceSource]:
+  """The references of `fid_train` (data.train_split) and `fid_test` (data.eval_split); a cache is used only when it
+  was written under the same Inception protocol and counts every example of the split."""
+  sources = []
+  for key, split in (('fid_train', config.data.train_split), ('fid_test', config.data.eval_split)):
+    path = ref_stats_path(config, split, net.protocol, eval_dir)
+    it = input_pipeline.create_eval_iterator(config, split, config.eval.inception_batch_size)
+    cached = metrics.load_statistics(path, net.protocol)
+    sources.append(ReferenceSource(key, split, path, it, cached if cached and cached[2] == it.num_examples else None))
+  return sources
+
+
+def reference_statistics(source: ReferenceSource, net, eval_dir: str,
+                         mesh: jax.sharding.Mesh) -> Tuple[np.ndarray, np.ndarray, int, str]:
+  """(mu, sigma, count, cache file) of the Inception features of EVERY example of `source.split`.
+
+  From the cache when valid, else computed and cached in `source.path`; the pass over the split is itself
+  resumable (`<cache>.partial.npz`) and logs its rate and ETA.
   """
-  path = ref_stats_path(config, split, net.protocol, eval_dir)
-  it = input_pipeline.create_eval_iterator(config, split, config.eval.inception_batch_size)
-  cached = metrics.load_statistics(path, net.protocol)
-  if cached is not None and cached[2] == it.num_examples:
-    logging.info('FID reference statistics of %s from %s.', split, path)
-    return cached[0], cached[1], cached[2], path
+  split, path, it = source.split, source.path, source.iterator
+  if source.cached is not None:
+    return source.cached + (path,)
   progress = _Progress(eval_dir, os.path.basename(path))
   name = os.path.basename(path)[:-len('.npz')] + '.partial'
   state = progress.load(name)
@@ -323,6 +447,7 @@ def reference_statistics(config: ml_collections.ConfigDict, split: str, net, eva
     done = int(state.pop('batches_done'))
     acc = metrics.FeatureStatsAccumulator.from_state_dict(state)
     logging.info('FID reference statistics of %s: resuming after %d of %d batches.', split, done, len(it))
+  log = _ProgressLog(len(it) - done)
   for b, batch in enumerate(it):
     if b < done:
       continue
@@ -330,7 +455,9 @@ def reference_statistics(config: ml_collections.ConfigDict, split: str, net, eva
     acc = acc or metrics.FeatureStatsAccumulator(features.shape[1])
     acc.update(features)
     progress.save(name, {**acc.state_dict(), 'batches_done': np.asarray(b + 1, np.int64)}, force=b + 1 == len(it))
-    logging.info('FID reference statistics of %s: batch %d/%d', split, b + 1, len(it))
+    if log.due(b + 1 - done):
+      logging.info('FID reference statistics of %s: batch %d/%d, %s, ETA %s', split, b + 1, len(it), log.rate(),
+                   log.eta())
   mu, sigma = acc.finalize()
   if jax.process_index() == 0:
     metrics.save_statistics(path, mu, sigma, acc.count, net.protocol)
@@ -343,7 +470,8 @@ def sample_features(config: ml_collections.ConfigDict, model, diffusion: diffusi
                     progress: _Progress) -> Tuple[metrics.FeatureStatsAccumulator, Optional[np.ndarray]]:
   """Draws `eval.num_samples` samples (config.sample's sampler, batches of sample.batch_size, batch i with key
   fold_in(sample stream, i) as `--mode=sample`), quantised to uint8 like saved samples, and accumulates their
-  Inception features (plus logits for IS). Resumes from the saved accumulator; logits are kept per batch."""
+  Inception features (plus logits for IS). Resumes from the saved accumulator; logits are kept per batch. Logs the
+  rate and ETA of the sample batches."""
   num, batch = config.eval.num_samples, config.sample.batch_size
   num_batches = -(-num // batch)
   with_logits = getattr(net, 'logits', None) is not None
@@ -359,7 +487,7 @@ def sample_features(config: ml_collections.ConfigDict, model, diffusion: diffusi
     base_rng = train_state_lib.random_streams(config.seed)['sample']
     # Inception chunks no larger than a sample batch: a small sample batch is not padded to a large chunk.
     chunk = min(config.eval.inception_batch_size, batch)
-    start = time.time()
+    log = _ProgressLog(num_batches - done)
     for i in range(done, num_batches):
       labels = None if labels_all is None else np.resize(labels_all[i * batch:(i + 1) * batch], batch)
       images = sampling.generate(sample_fn, params, jax.random.fold_in(base_rng, i), labels, mesh, batch)
@@ -372,7 +500,8 @@ def sample_features(config: ml_collections.ConfigDict, model, diffusion: diffusi
         _atomic_write(path, lambda tmp, lg=logits: np.save(tmp, lg))
       progress.save('samples', {**acc.state_dict(), 'batches_done': np.asarray(i + 1, np.int64)},
                     force=i + 1 == num_batches)
-      logging.info('FID samples: batch %d/%d (%.1fs)', i + 1, num_batches, time.time() - start)
+      if log.due(i + 1 - done):
+        logging.info('FID samples: batch %d/%d, %s, ETA %s', i + 1, num_batches, log.rate(), log.eta())
   logits = None
   if with_logits:
     logits = np.concatenate([np.load(os.path.join(progress.directory, f'logits_{i}.npy'))
@@ -381,13 +510,13 @@ def sample_features(config: ml_collections.ConfigDict, model, diffusion: diffusi
 
 
 def compute_fid(config: ml_collections.ConfigDict, model, diffusion: diffusion_lib.Diffusion,
-                mesh: jax.sharding.Mesh, params: Any, net, eval_dir: str,
-                progress: _Progress) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-  """FID against the train and eval splits and the Inception Score; returns (results, protocol entries)."""
+                mesh: jax.sharding.Mesh, params: Any, net, eval_dir: str, progress: _Progress,
+                references: Optional[List[ReferenceSource]] = None) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """FID against the train and eval splits (`references`, default `reference_sources`) and the Inception Score;
+  returns (results, protocol entries)."""
   refs = {}
-  for key, split in (('fid_train', config.data.train_split), ('fid_test', config.data.eval_split)):
-    refs[key] = reference_statistics(config, split, net, eval_dir, mesh)
-    refs[key] = refs[key] + (split,)
+  for source in references if references is not None else reference_sources(config, net, eval_dir):
+    refs[source.key] = reference_statistics(source, net, eval_dir, mesh) + (source.split,)
   acc, logits = sample_features(config, model, diffusion, mesh, params, net, progress)
   mu, sigma = acc.finalize()
   num = acc.count
@@ -424,6 +553,46 @@ def compute_fid(config: ml_collections.ConfigDict, model, diffusion: diffusion_l
 # ------------------------------------------------------------------------------------------------- driver
 
 
+def _count(n: int, singular: str, plural: str) -> str:
+  return f'{n} {singular if n == 1 else plural}'
+
+
+def sampler_description(config: ml_collections.ConfigDict, diffusion: diffusion_lib.Diffusion) -> str:
+  """`ancestral, 100 of 1000 steps`, `ddim eta=0, 50 of 1000 steps, guidance 3`: what one FID sample costs."""
+  s, num_t = config.sample, diffusion.num_timesteps
+  steps = len(samplers.space_timesteps(num_t, s.respacing)) if s.respacing else num_t
+  text = s.method + (f' eta={s.eta:g}' if s.method == 'ddim' else '') + f', {steps} of {num_t} steps'
+  return text + (f', guidance {s.guidance_scale:g}' if s.guidance_scale > 0 else '')
+
+
+def describe_plan(config: ml_collections.ConfigDict, step: int, diffusion: diffusion_lib.Diffusion,
+                  bpd_it: Optional[input_pipeline.EvalIterator],
+                  references: Optional[List[ReferenceSource]]) -> str:
+  """The first line of an evaluation: what will be computed, in how many batches, so its length can be judged
+  before the first progress line (a bits/dim batch can take many minutes on a CPU)."""
+  parts = [f'Evaluating step {step} (EMA parameters)']
+  if bpd_it is None:
+    parts.append('bits/dim off')
+  else:
+    chunk_size, num_chunks = bpd_chunks(diffusion.num_timesteps)
+    parts.append(f'bits/dim of {bpd_it.num_examples} {config.data.eval_split!r} examples in '
+                 f'{_count(len(bpd_it), "batch", "batches")} of {config.eval.bpd_batch_size} x '
+                 f'{diffusion.num_timesteps} timesteps ({_count(num_chunks, "chunk", "chunks")} of {chunk_size})')
+  if references is None:
+    parts.append('FID/IS off')
+  else:
+    num, batch = config.eval.num_samples, config.sample.batch_size
+    parts.append(f'FID/IS of {num} samples in {_count(-(-num // batch), "batch", "batches")} of {batch} '
+                 f'({sampler_description(config, diffusion)})')
+    for source in references:
+      if source.cached is not None:
+        parts.append(f'{source.key} reference {source.split!r} from {source.path}')
+      else:
+        parts.append(f'{source.key} reference {source.split!r} to compute ({source.iterator.num_examples} examples, '
+                     f'{_count(len(source.iterator), "batch", "batches")})')
+  return '; '.join(parts)
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str, *, inception: Any = None) -> Dict[str, Any]:
   """`--mode=eval`: evaluates the EMA parameters of checkpoint `config.eval.step` (None = latest).
 
@@ -455,8 +624,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, inception: Any 
   results: Dict[str, Any] = {'step': step}
   protocol: Dict[str, Any] = {'params': 'EMA', 'ema_decay': config.training.ema_decay, 'checkpoint_step': step,
                               'seed': config.seed}
+  bpd_it = bpd_iterator(config) if cfg.bpd else None
+  references = reference_sources(config, net, eval_dir) if net is not None else None
+  logging.info('%s', describe_plan(config, step, diffusion, bpd_it, references))
   if cfg.bpd:
-    results.update(compute_bpd(config, model, diffusion, mesh, params, progress))
+    results.update(compute_bpd(config, model, diffusion, mesh, params, progress, bpd_it))
     protocol['bpd'] = BPD_DEFINITION
     protocol['bpd_details'] = {
         'split': config.data.eval_split, 'num_examples': results['bpd_terms']['num_examples'],
@@ -466,7 +638,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, inception: Any 
         'rate_distortion': 'Ho et al. 2020 Sec. 4.3: rate = L_T + sum_{k>=t} L_k, distortion = sum_{k<t} L_k; '
                            'rmse of x0_hat(x_t) on [0, 255]'}
   if net is not None:
-    fid_results, fid_protocol = compute_fid(config, model, diffusion, mesh, params, net, eval_dir, progress)
+    fid_results, fid_protocol = compute_fid(config, model, diffusion, mesh, params, net, eval_dir, progress,
+                                            references)
     results.update(fid_results)
     protocol.update(fid_protocol)
     s = config.sample

@@ -8,7 +8,8 @@ each in bits per dimension (nats / log 2, mean over all dimensions of an example
 paper reports (3.70-3.75 on CIFAR-10), not the probability-flow ODE likelihood of score-based models.
 
 Here: the terms (`normal_kl`, `discretized_gaussian_log_likelihood`, `vb_terms_bpd`, `prior_bpd`; the training
-losses in `ddpm_jax.losses` reuse them) and `calc_bpd_loop`, the whole bound of a batch in one compiled scan.
+losses in `ddpm_jax.losses` reuse them), `bpd_terms` (the terms at a list of timesteps, one compiled scan) and
+`calc_bpd_loop`, the whole bound of a batch in one compiled scan.
 """
 
 import math
@@ -89,23 +90,18 @@ def prior_bpd(diffusion: Diffusion, x_start: Array) -> Array:
   return mean_flat(kl) / LOG2
 
 
-def calc_bpd_loop(diffusion: Diffusion, model_fn: ModelFn, x_start: Array, rng: Array,
-                  clip_denoised: bool = True) -> Dict[str, Array]:
-  """Total bits/dim of a batch and its per-timestep terms, in ONE compiled `lax.scan` over t (no host loop).
+def bpd_terms(diffusion: Diffusion, model_fn: ModelFn, x_start: Array, rng: Array, timesteps: Array,
+              clip_denoised: bool = True) -> Dict[str, Array]:
+  """The terms L_t of eq. 5 at the given `timesteps` (K,), in that order, in one compiled `lax.scan` over them.
 
-  At every t the batch is noised with fresh noise (key `fold_in(rng, t)`), the network is called once on the whole
-  batch, and the bound term of eq. 5 is computed (`vb_terms_bpd`). The equivalent of the released code's
-  calc_bpd_loop (diffusion_utils_2.py).
-
-  Args:
-    model_fn: model_fn(x_t, t) -> network output.
-    x_start: (B, ..., C) data in [-1, 1] (on the 256-level grid for a meaningful decoder term).
-    rng: PRNG key for the noise (use a different one per batch, e.g. fold_in(key, batch_index)).
-    clip_denoised: clip predicted x_0 to [-1, 1] (the released code's default for evaluation).
+  At every t the batch is noised with fresh noise (key `fold_in(rng, t)`, so a term depends on t and not on which
+  other timesteps are computed with it), the network is called once on the whole batch, and the bound term is
+  computed (`vb_terms_bpd`). `calc_bpd_loop` calls it on all T timesteps; an evaluation calls it on chunks of them
+  to report progress between chunks (`ddpm_jax.evaluate`).
 
   Returns:
-    dict: 'total_bpd' (B,) = prior + sum of 'vb'; 'prior_bpd' (B,); 'vb' (B, T) with vb[:, 0] the decoder NLL;
-    'xstart_mse' (B, T) = mean((x_0 - predicted x_0)^2); 'mse' (B, T) = mean((eps - predicted eps)^2).
+    dict of (B, K) arrays, column k for timesteps[k]: 'vb' (the decoder NLL at t = 0, else the KL),
+    'xstart_mse' = mean((x_0 - predicted x_0)^2), 'mse' = mean((eps - predicted eps)^2).
   """
   batch_size = x_start.shape[0]
   x_start = x_start.astype(diffusion.dtype)
@@ -120,10 +116,31 @@ def calc_bpd_loop(diffusion: Diffusion, model_fn: ModelFn, x_start: Array, rng: 
     return carry, (terms['output'], mean_flat(jnp.square(pred_xstart - x_start)),
                    mean_flat(jnp.square(pred_eps - noise)))
 
+  _, (vb, xstart_mse, eps_mse) = jax.lax.scan(body, None, jnp.asarray(timesteps, jnp.int32))
+  return dict(vb=vb.T, xstart_mse=xstart_mse.T, mse=eps_mse.T)  # stacked (K, B) -> (B, K)
+
+
+def calc_bpd_loop(diffusion: Diffusion, model_fn: ModelFn, x_start: Array, rng: Array,
+                  clip_denoised: bool = True) -> Dict[str, Array]:
+  """Total bits/dim of a batch (eq. 5) and its per-timestep terms, in ONE compiled `lax.scan` over t (no host loop).
+
+  The equivalent of the released code's calc_bpd_loop (diffusion_utils_2.py): `bpd_terms` at every t, plus the
+  prior term L_T.
+
+  Args:
+    model_fn: model_fn(x_t, t) -> network output.
+    x_start: (B, ..., C) data in [-1, 1] (on the 256-level grid for a meaningful decoder term).
+    rng: PRNG key for the noise (use a different one per batch, e.g. fold_in(key, batch_index)).
+    clip_denoised: clip predicted x_0 to [-1, 1] (the released code's default for evaluation).
+
+  Returns:
+    dict: 'total_bpd' (B,) = prior + sum of 'vb'; 'prior_bpd' (B,); 'vb' (B, T) with vb[:, 0] the decoder NLL;
+    'xstart_mse' (B, T) = mean((x_0 - predicted x_0)^2); 'mse' (B, T) = mean((eps - predicted eps)^2).
+  """
   # Walk t = T-1 .. 0 like the reverse process; the order does not change any term.
   timesteps = jnp.arange(diffusion.num_timesteps - 1, -1, -1, dtype=jnp.int32)
-  _, (vb, xstart_mse, eps_mse) = jax.lax.scan(body, None, timesteps)
-  # Stacked as (T, B) in reverse-time order -> (B, T) indexed by t.
-  vb, xstart_mse, eps_mse = (jnp.flip(a, axis=0).T for a in (vb, xstart_mse, eps_mse))
-  prior = prior_bpd(diffusion, x_start)
+  terms = bpd_terms(diffusion, model_fn, x_start, rng, timesteps, clip_denoised=clip_denoised)
+  # Columns in reverse-time order -> indexed by t.
+  vb, xstart_mse, eps_mse = (jnp.flip(terms[k], axis=1) for k in ('vb', 'xstart_mse', 'mse'))
+  prior = prior_bpd(diffusion, x_start.astype(diffusion.dtype))
   return dict(total_bpd=jnp.sum(vb, axis=1) + prior, prior_bpd=prior, vb=vb, xstart_mse=xstart_mse, mse=eps_mse)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from typing import Any, Callable, Optional
 
 from absl import logging
@@ -18,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from ddpm_jax import checkpointing
+from ddpm_jax import console
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import images as images_lib
 from ddpm_jax import models
@@ -119,12 +121,18 @@ def sample_and_export(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   out_dir = os.path.join(workdir, 'samples', f'step_{step}')
   chunks, num_batches = [], -(-config.sample.num_samples // batch)
+  throughput = console.Throughput(num_batches)  # leaves out the first batch, which includes compilation
+  start = time.monotonic()
   for i in range(num_batches):
     labels = None
     if labels_all is not None:
       labels = np.resize(labels_all[i * batch:(i + 1) * batch], batch)  # last batch padded, trimmed below
     chunks.append(generate(sample_fn, ema_params, jax.random.fold_in(base_rng, i), labels, mesh, batch))
-    logging.info('sampled batch %d/%d', i + 1, num_batches)
+    throughput.update(i + 1)
+    rate = (f'{console.format_duration(1 / throughput.rate)}/batch' if throughput.rate else
+            f'{console.format_duration(time.monotonic() - start)} with compilation')
+    logging.info('sampled batch %d/%d, %s, ETA %s', i + 1, num_batches, rate,
+                 console.format_duration(throughput.eta()))
   samples = np.concatenate(chunks)[:config.sample.num_samples]
 
   if jax.process_index() == 0:

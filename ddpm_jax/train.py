@@ -307,7 +307,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> train_state_lib.T
           compiled = True
           jax.block_until_ready(metrics)
           throughput.update(step)
-          logging.info('Step %d done: compiled and ran in %s.', step,
+          logging.info('Step %d done, %s after start-up (compiling included).', step,
                        console.format_duration(time.monotonic() - started))
 
         if step % tc.log_every == 0 or step >= tc.num_steps:
@@ -338,6 +338,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> train_state_lib.T
 
 
 def _write_sample_grid(config, trainer: Trainer, sample_fn, writer, workdir: str, step: int) -> None:
+  logging.info('Step %d: drawing %d samples from the EMA parameters (%s sampler, %s steps)...', step,
+               config.sample.batch_size, config.sample.method,
+               config.sample.respacing or config.diffusion.num_timesteps)
   labels = sampling.sample_labels(config, config.sample.batch_size)
   rng = jax.random.fold_in(trainer.streams['sample'], step)
   samples = sampling.generate(sample_fn, trainer.host_state().ema_params, rng, labels, trainer.mesh,

@@ -162,7 +162,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: flax.li
       'loss': loss,
       'grad_norm': optax.global_norm(grads),
       'param_norm': optax.global_norm(params),
-      'lr': learning_rate_schedule(config)(state.step),
+      'lr': jnp.asarray(learning_rate_schedule(config)(state.step), jnp.float32),  # constant_schedule gives a float
       'skipped_updates': total,
       'consecutive_skips': consecutive,
       **_quartile_means(per_example, t_global, diffusion.num_timesteps),

@@ -63,10 +63,14 @@ def test_256_configs_follow_appendix_b():
     ('sample.method', 'dpm', 1),
     ('sample.respacing', 'ddim0', 1),
     ('sample.guidance_scale', 3.0, 1),         # unconditional model
+    ('sample.class_label', 3, 1),              # unconditional model
+    ('sample.eta', 0.5, 1),                    # eta is DDIM's; the test config samples ancestrally
+    ('model.attn_resolutions', (7,), 1),       # the 32/16 test U-Net never reaches side 7
+    ('training.num_steps', 5, 1),              # would train 6 steps: not a multiple of steps_per_call = 2
 ])
 def test_invalid_field_is_named(field, value, devices):
   config = load('test')
-  if field == 'training.log_every':
+  if field in ('training.log_every', 'training.num_steps'):
     config.training.steps_per_call = 2
   section, name = field.split('.')
   config[section][name] = value
@@ -74,6 +78,55 @@ def test_invalid_field_is_named(field, value, devices):
     config_validation.validate_config(config, devices)
   message = str(err.value)
   assert f'config.{field}' in message and '\n' not in message
+
+
+def _message(config):
+  with pytest.raises(config_validation.ConfigError) as err:
+    config_validation.validate_config(config, 1)
+  return str(err.value)
+
+
+def test_unreachable_attention_resolution_lists_the_sides():
+  config = load('test')
+  config.model.attn_resolutions = (16, 7)
+  assert _message(config) == ('config.model.attn_resolutions=(16, 7) is invalid: every entry must be a feature-map '
+                              'side of the U-Net, one of [32, 16] (image side 32 halved per model.ch_mult level)')
+  mnist = load('mnist')  # padded digits: the sides follow data.pad_to
+  mnist.model.attn_resolutions = (28,)
+  assert 'one of [32, 16, 8]' in _message(mnist)
+
+
+def test_sampling_fields_that_would_be_ignored():
+  config = load('test')
+  config.sample.eta = 1.0
+  assert _message(config) == ("config.sample.eta=1.0 is invalid: must be 0 with sample.method='ancestral' "
+                              "(eta is DDIM's; use sample.method='ddim')")
+  config.sample.method = 'ddim'
+  config_validation.validate_config(config, 1)
+  config = load('test')
+  config.sample.class_label = 0
+  assert _message(config) == ('config.sample.class_label=0 is invalid: must be -1 for an unconditional model '
+                              '(model.num_classes=0)')
+
+
+@pytest.mark.parametrize('field,value', [
+    ('model.attn_resolutions', ()),            # attention only in the middle block
+    ('model.attn_resolutions', (32, 16)),      # every level of the 32/16 test U-Net
+    ('training.num_steps', 4),                 # a multiple of steps_per_call = 2 (set below)
+    ('optim.warmup_steps', 0),
+    ('optim.grad_clip', 0.0),
+    ('optim.weight_decay', 0.0),
+    ('training.keep_checkpoints', 1),
+    ('diffusion.num_timesteps', 1),
+    ('sample.respacing', '20'),                # = T of the test config
+    ('sample.respacing', 'ddim20'),
+])
+def test_documented_boundary_values_are_valid(field, value):
+  config = load('test')
+  config.training.steps_per_call = 2
+  section, name = field.split('.')
+  config[section][name] = value
+  config_validation.validate_config(config, 8)
 
 
 def test_cli_bad_override_is_one_line_without_traceback(tmp_path):

@@ -1,9 +1,12 @@
 """`--mode=eval` (ddpm_jax.evaluate): bits/dim against a direct computation, its terms and rate-distortion
-(Ho et al. 2020, eq. 5, Sec. 4.3), FID/IS orchestration with a small fake feature network and with the real
-Inception weights, exact resume after interruptions in every phase, and failing fast without Inception weights."""
+(Ho et al. 2020, eq. 5, Sec. 4.3), the bound computed in chunks of timesteps against one scan, FID/IS orchestration
+with a small fake feature network and with the real Inception weights, exact resume after interruptions in every
+phase, the plan and progress lines (with an ETA) an evaluation logs, and failing fast without Inception weights."""
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -23,17 +26,25 @@ from ddpm_jax import input_pipeline
 from ddpm_jax import likelihood
 from ddpm_jax import models
 from ddpm_jax import sampling
+from ddpm_jax import sharding
 from ddpm_jax.evaluation import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOCK_EXAMPLES = 20  # eval batches of 8: 8 + 8 + 4 real examples, the last batch padded with 4 masked ones
 STEP = 2
+# The test config's T = 20 timesteps of the bound in chunks of at most 8: 3 chunks of 7, the last padded by one.
+BPD_CHUNK_TIMESTEPS = 8
 
 
 @pytest.fixture(autouse=True)
 def mock_data():
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
     yield
+
+
+@pytest.fixture(autouse=True)
+def bpd_in_chunks(monkeypatch):
+  monkeypatch.setattr(evaluate, 'BPD_CHUNK_TIMESTEPS', BPD_CHUNK_TIMESTEPS)
 
 
 def make_config(fid=False, **overrides):
@@ -105,6 +116,18 @@ class FakeInception:
     return jnp.dot(self.features(images), self.head, precision=jax.lax.Precision.HIGHEST)
 
 
+def calc_bpd_loop_fn(config):
+  """Jitted `(params, images, rng) -> likelihood.calc_bpd_loop(...)` of the config's unconditional model: the whole
+  bound of a batch in one scan, the reference for the evaluation's chunked computation."""
+  model = models.create_model(config)
+  diffusion = diffusion_lib.from_config(config.diffusion)
+
+  @jax.jit
+  def direct(p, x, rng):
+    return likelihood.calc_bpd_loop(diffusion, lambda x_t, t: model.apply({'params': p}, x_t, t, train=False), x, rng)
+  return direct
+
+
 def split_images(config, split):
   """Every example of `split` as uint8, read as the reference statistics must (no dropped batch)."""
   it = input_pipeline.create_eval_iterator(config, split, 8)
@@ -144,23 +167,49 @@ def test_bpd_terms_rate_distortion_and_direct_computation(tmp_path, params):
   assert results['protocol']['params'] == 'EMA' and 'fid_train' not in results
 
   # Direct computation: calc_bpd_loop on each batch (key fold_in(bpd_key, b)), real examples only, EMA params.
-  model = models.create_model(config)
-  diffusion = diffusion_lib.from_config(config.diffusion)
-
-  @jax.jit
-  def direct(p, x, rng):
-    return likelihood.calc_bpd_loop(diffusion, lambda x_t, t: model.apply({'params': p}, x_t, t, train=False),
-                                    x, rng)['total_bpd']
+  direct = calc_bpd_loop_fn(config)
 
   def mean_bpd(p):
     values = []
     for b, batch in enumerate(input_pipeline.create_eval_iterator(config, 'test', 8)):
-      out = np.asarray(direct(p, jnp.asarray(batch['image']), jax.random.fold_in(evaluate.bpd_key(config.seed), b)))
+      rng = jax.random.fold_in(evaluate.bpd_key(config.seed), b)
+      out = np.asarray(direct(p, jnp.asarray(batch['image']), rng)['total_bpd'])
       values.append(out[np.asarray(batch['mask'], bool)])
     return np.concatenate(values).mean()
 
   np.testing.assert_allclose(bpd, mean_bpd(params[1]), rtol=1e-5)
   assert abs(mean_bpd(params[0]) - bpd) > 1e-3  # the raw params give another number: EMA is what is evaluated
+
+
+def test_chunked_bound_equals_one_scan_of_calc_bpd_loop(params):
+  """The evaluation's bound of a batch, computed in 3 chunks of 7 timesteps (the host carrying each example's
+  partial sum, the last chunk padded by one timestep), equals the masked sums of `calc_bpd_loop`'s single scan to
+  float32 rounding, for every term of eq. 5."""
+  config = make_config()
+  model = models.create_model(config)
+  diffusion = diffusion_lib.from_config(config.diffusion)
+  num_t = diffusion.num_timesteps
+  chunk_size, num_chunks = evaluate.bpd_chunks(num_t)
+  assert (chunk_size, num_chunks) == (7, 3)
+  batch = list(input_pipeline.create_eval_iterator(config, 'test', 8))[2]  # 4 real examples and 4 of padding
+  mask = np.asarray(batch['mask'], bool)
+  assert mask.sum() == 4
+  rng = jax.random.fold_in(evaluate.bpd_key(config.seed), 2)
+  mesh = sharding.create_mesh()
+  timesteps_done = []
+  chunked = evaluate._bpd_batch(evaluate.make_bpd_chunk_fn(model, diffusion, mesh, chunk_size), chunk_size, num_t,
+                                params[1], batch, rng, mesh, False, timesteps_done.append)
+  assert timesteps_done == [7, 14, 20]
+
+  full = {k: np.asarray(v, np.float64)[mask]
+          for k, v in jax.device_get(calc_bpd_loop_fn(config)(params[1], jnp.asarray(batch['image']), rng)).items()}
+  expected = {'count': 4, 'total_bpd': full['total_bpd'].sum(), 'total_bpd_sq': np.square(full['total_bpd']).sum(),
+              'prior_bpd': full['prior_bpd'].sum(), 'vb': full['vb'].sum(0), 'xstart_mse': full['xstart_mse'].sum(0),
+              'eps_mse': full['mse'].sum(0)}
+  assert sorted(chunked) == sorted(expected)
+  for key, value in expected.items():
+    np.testing.assert_allclose(chunked[key], value, rtol=1e-6, err_msg=key)
+  assert np.all(chunked['vb'] > 0) and np.all(chunked['eps_mse'] > 0)  # no timestep left out (nor the decoder t=0)
 
 
 # ------------------------------------------------------------------------------------- FID/IS and resume
@@ -181,7 +230,7 @@ def interrupt_after(monkeypatch, module, name, calls_allowed, counter):
   monkeypatch.setattr(module, name, wrapped)
 
 
-def test_fid_orchestration_and_exact_resume(tmp_path, params, monkeypatch):
+def test_fid_orchestration_and_exact_resume(tmp_path, params, monkeypatch, caplog):
   # TFDS mock splits hold the same examples (and ignore slices like 'train[:12]'): reading only the first 12 train
   # examples makes the two references differ.
   original_iterator = input_pipeline.create_eval_iterator
@@ -197,7 +246,9 @@ def test_fid_orchestration_and_exact_resume(tmp_path, params, monkeypatch):
   # The numbers, recomputed independently: samples as --mode=sample draws them, statistics of whole splits.
   net = FakeInception()
   sample_config = make_config(sample__num_samples=12)
-  out_dir = sampling.sample_and_export(sample_config, reference_dir)
+  with caplog.at_level(logging.INFO):
+    out_dir = sampling.sample_and_export(sample_config, reference_dir)
+  assert re.search(r'sampled batch 2/2, [0-9.]+s/batch, ETA 0\.0s', caplog.text), caplog.text
   with np.load(os.path.join(out_dir, 'samples.npz')) as z:
     samples = z['images']
   mu, sigma = metrics.feature_statistics(np.asarray(net.features(samples)))
@@ -251,6 +302,46 @@ def test_fid_orchestration_and_exact_resume(tmp_path, params, monkeypatch):
   interrupt_after(monkeypatch, evaluate, '_feature_batch', 10 ** 6, counts)
   evaluate.evaluate(make_config(fid=True, eval__bpd=False), workdir, inception=FakeInception())
   assert counts['n'] == 2  # the two sample batches only
+
+
+def ddpm_jax_messages(caplog):
+  """The messages ddpm_jax logged (what the console shows by default), in order."""
+  package = os.path.dirname(os.path.abspath(evaluate.__file__))
+  return [r.getMessage() for r in caplog.records if os.path.abspath(r.pathname).startswith(package + os.sep)]
+
+
+def test_evaluation_logs_its_plan_progress_with_eta_and_where_results_went(tmp_path, params, caplog):
+  config = make_config(fid=True, eval__bpd_num_examples=8)  # 1 bits/dim batch: progress within it, between chunks
+  workdir = save_checkpoint(tmp_path, params)
+  with caplog.at_level(logging.INFO):
+    evaluate.evaluate(config, workdir, inception=FakeInception())
+  lines = ddpm_jax_messages(caplog)
+  eval_dir = os.path.join(workdir, 'eval')
+  ref_train = evaluate.ref_stats_path(config, 'train', FakeInception.protocol, eval_dir)
+  assert lines[0] == (
+      "Evaluating step 2 (EMA parameters); bits/dim of 8 'test' examples in 1 batch of 8 x 20 timesteps (3 chunks "
+      "of 7); FID/IS of 12 samples in 2 batches of 8 (ancestral, 20 of 20 steps); fid_train reference 'train' to "
+      "compute (20 examples, 3 batches); fid_test reference 'test' to compute (20 examples, 3 batches)")
+  # Progress with a rate and an ETA in every phase: between chunks of timesteps (the ETA is known after the second
+  # chunk; the first includes compilation), and across reference and sample batches.
+  duration = r'(\d+h)?(\d+m)?[0-9.]+s'
+  expected = [rf'bits/dim: batch 1/1, timesteps 14/20, [0-9.]+ timesteps/s, ETA {duration}$',
+              rf'bits/dim: batch 1/1 done, running bpd [0-9.]+, [0-9.]+ timesteps/s, ETA 0\.0s$',
+              rf'FID reference statistics of train: batch 2/3, [^,]+/s.*, ETA {duration}$',
+              r'FID reference statistics of test: batch 3/3, [^,]+, ETA 0\.0s$',
+              rf'FID samples: batch 2/2, [^,]+, ETA 0\.0s$']
+  for pattern in expected:
+    assert any(re.match(pattern, line) for line in lines), (pattern, lines)
+  assert lines[-1].startswith(f'Evaluation of step 2 written to {os.path.join(eval_dir, "step_2.json")}: ')
+
+  # A second evaluation reuses the cached reference statistics, and its plan says from which files.
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    evaluate.evaluate(make_config(fid=True, eval__bpd=False, eval__num_samples=8), workdir,
+                      inception=FakeInception())
+  plan = ddpm_jax_messages(caplog)[0]
+  assert plan.startswith('Evaluating step 2 (EMA parameters); bits/dim off; FID/IS of 8 samples in 1 batch of 8'), plan
+  assert f"fid_train reference 'train' from {ref_train};" in plan, plan
 
 
 def test_missing_inception_weights_fail_fast(tmp_path, monkeypatch):

@@ -33,7 +33,7 @@ import struct
 import zipfile
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from ddpm_jax.config_validation import UserError
+from ddpm_jax.errors import UserError
 
 from absl import logging
 import numpy as np
