@@ -5,12 +5,16 @@ Layout: `<workdir>/checkpoints/<step>/` with the items
            inference-only checkpoint (e.g. converted released weights) just {step, params, ema_params};
   `data`   the grain training-iterator state (absent from inference-only checkpoints).
 Orbax writes each step to a temporary directory and renames it when complete, so a run killed mid-save never
-leaves a half-written step that looks finished.
+leaves a half-written step that looks finished (the temporary directory stays, ignored). A step that is there but
+cannot be read (truncated or deleted files, an empty directory: disk trouble, a copy gone wrong) is never deleted:
+training moves it to `<step>.unreadable` and resumes from the newest readable step; sampling and evaluation skip it
+and never write into `checkpoints/`.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Callable, Optional, Sequence
 
 from absl import logging
@@ -78,6 +82,23 @@ def _reason(e: BaseException) -> str:
 
 
 
+def _ignore_closed_event_loop_reports() -> None:
+  """After a failed restore, tensorstore still completes the reads of the other arrays and posts each result to
+  orbax's event loop, which is closed by then: every post is reported as an unraisable `RuntimeError('Event loop is
+  closed')` with a traceback (hundreds for one truncated file). They carry no information; other reports pass."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'ddpm_jax_filter', False):
+    return
+
+  def hook(report):
+    if isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == 'Event loop is closed':
+      return
+    previous(report)
+
+  hook.ddpm_jax_filter = True
+  sys.unraisablehook = hook
+
+
 def move_aside(workdir: str, step: int, reason: str) -> str:
   """Renames `checkpoints/<step>` to `checkpoints/<step>.unreadable` (then `.unreadable-2`, ...); never deletes.
 
@@ -118,6 +139,7 @@ def restore_latest(workdir: str, keep: Optional[int], target_state: Any,
       try:
         restored = manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # pylint: disable=broad-except  (any failure to read means: not this step)
+        _ignore_closed_event_loop_reports()
         if jax.process_index() == 0:
           move_aside(workdir, step, _reason(e))
         moved = True
@@ -182,6 +204,7 @@ def restore_inference_params(workdir: str, step: Optional[int] = None) -> tuple[
         restored = manager.restore(candidate, args=ocp.args.Composite(**{
             STATE_ITEM: ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True)}))
       except Exception as e:  # pylint: disable=broad-except
+        _ignore_closed_event_loop_reports()
         if step is not None:
           raise
         logging.warning('Checkpoint step %d is unreadable (%s); using the previous one.', candidate, _reason(e))

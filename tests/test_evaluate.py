@@ -357,10 +357,12 @@ def test_missing_inception_weights_fail_fast(tmp_path, monkeypatch):
   assert isinstance(info.value, config_validation.UserError)
   assert '\n' not in str(info.value) and 'missing.pt' in str(info.value)
 
-  # main.py prints it as one line and exits 2, before touching the (absent) checkpoint.
+  # main.py prints it as one line and exits 2, before touching the (absent) checkpoint. The workdir exists and the
+  # data are mocked: main.py checks both before evaluating.
+  os.makedirs(tmp_path / 'run')
   proc = subprocess.run(
-      [sys.executable, 'main.py', '--mode=eval', '--config=configs/test.py', f'--workdir={tmp_path / "run"}',
-       f'--config.eval.inception_weights={tmp_path / "missing.pt"}'],
+      [sys.executable, 'tests/run_main_under_mock_data.py', '--mode=eval', '--config=configs/test.py',
+       f'--workdir={tmp_path / "run"}', f'--config.eval.inception_weights={tmp_path / "missing.pt"}'],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
   last = proc.stderr.strip().splitlines()[-1]

@@ -226,6 +226,19 @@ def _final_params(workdir):
   return params
 
 
+def _assert_console_for_people(stderr, workdir):
+  """The default console: the resolved run, progress with ETA, saves and a summary; no library chatter."""
+  lines = stderr.strip().splitlines()
+  assert any(re.search(r'Model: U-Net, [\d,]+ parameters', line) for line in lines), stderr
+  assert any(f'Workdir: {os.path.abspath(workdir)}' in line for line in lines), stderr
+  assert any(re.search(r'Step 2/4 \(50%\): loss [\d.]+, [\d.?]+ steps/s, ETA', line) for line in lines), stderr
+  assert any('Step 4: checkpoint saved in' in line for line in lines), stderr
+  assert re.search(r'Finished at step 4 in .*checkpoints in', lines[-1]), stderr
+  for chatter in ('orbax', 'Unable to initialize backend', 'oneDNN', 'Traceback', 'absl::InitializeLog'):
+    assert chatter not in stderr, stderr
+  assert len(lines) < 20, stderr
+
+
 def test_jit_pmap_and_two_processes_agree(tmp_path):
   """One process × 4 devices under jit and under pmap, and two processes × 2 devices (jax.distributed over CPU
   collectives), train the test config to the same parameters."""
@@ -238,6 +251,8 @@ def test_jit_pmap_and_two_processes_agree(tmp_path):
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     runs[mode] = _final_params(workdir)
+    if mode == 'jit':
+      _assert_console_for_people(err, workdir)
 
   port = 20000 + os.getpid() % 20000
   workdir = str(tmp_path / 'multihost')
