@@ -66,20 +66,6 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def check_dataset(config: ml_collections.ConfigDict) -> None:
-  """Conditional models need labels; raises ConfigError (before compiling) otherwise."""
-  if config.model.num_classes:
-    info = input_pipeline.dataset_info(config)
-    if not info.has_labels:
-      raise config_validation.ConfigError(
-          f'config.model.num_classes={config.model.num_classes} needs a labelled dataset, but '
-          f'config.data.dataset={config.data.dataset!r} has no labels')
-    if info.num_classes != config.model.num_classes:
-      raise config_validation.ConfigError(
-          f'config.model.num_classes={config.model.num_classes} does not match the {info.num_classes} classes of '
-          f'config.data.dataset={config.data.dataset!r}')
-
-
 class Trainer:
   """Builds the model, state, compiled step and checkpoint manager for one run."""
 
@@ -226,7 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   layout). Raises `TrainingDivergedError` after `training.max_consecutive_skips` skipped updates in a row.
   """
   config_validation.validate_config(config, jax.device_count())
-  check_dataset(config)
+  input_pipeline.check_data(config)  # sizes, labels, folder headers (run.run also checks the splits)
   os.makedirs(workdir, exist_ok=True)
   with workdir_lock.WorkdirLock(workdir, jax.process_index()):
     return _train(config, workdir)

@@ -26,6 +26,7 @@ from configs import test as test_config
 from ddpm_jax import checkpointing
 from ddpm_jax import config_validation
 from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import errors
 from ddpm_jax import images as images_lib
 from ddpm_jax import input_pipeline
 from ddpm_jax import models
@@ -402,9 +403,11 @@ def test_conditional_config_on_unlabelled_data_is_a_clear_error(tmp_path):
   config.training.batch_size = 2
   with pytest.raises(ValueError, match=r"config.model.num_classes=10 .*'folder' has no labels"):
     input_pipeline.create_train_iterator(config, process_index=0, process_count=1)
-  with pytest.raises(config_validation.ConfigError, match='needs a labelled dataset'):
-    train.check_dataset(config)
-  config.model.num_classes = 0  # unconditional: fine
+  config.training.batch_size = 8  # divides by the 8 test devices
+  with pytest.raises(errors.UserError, match=r"config.model.num_classes=10 .*'folder' has no labels"):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))  # before anything is built
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+  config.model.num_classes, config.training.batch_size = 0, 2  # unconditional: fine
   batch = next(input_pipeline.create_train_iterator(config, process_index=0, process_count=1))
   assert 'label' not in batch
 
