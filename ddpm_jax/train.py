@@ -32,6 +32,7 @@ from ddpm_jax import sampling
 from ddpm_jax import sharding
 from ddpm_jax import train_state as train_state_lib
 from ddpm_jax import workdir_lock
+from ddpm_jax.data import sources
 from ddpm_jax.errors import TrainingDivergedError
 
 PMAP_AXIS = 'batch'
@@ -181,9 +182,14 @@ class _Health:
       self.best_loss = min(self.best_loss, loss)
 
 
-def _params_finite(state: train_state_lib.TrainState) -> bool:
+# Compiled once: run eagerly, these per-leaf reductions would compile one small program per leaf shape (seconds).
+@jax.jit
+def _params_finite(state: train_state_lib.TrainState) -> jax.Array:
   leaves = jax.tree.leaves((state.params, state.ema_params))
-  return bool(jax.device_get(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))))
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+_global_norm = jax.jit(optax.global_norm)
 
 
 def _log_run(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, restored_step: Optional[int]) -> None:
@@ -244,7 +250,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> train_state_lib.T
                                         config.sample.batch_size)
 
   log_window, health_window = _MetricWindow(), _MetricWindow()
-  health = _Health(tc.blowup_factor, float(jax.device_get(optax.global_norm(trainer.host_state().params))))
+  health = _Health(tc.blowup_factor, float(_global_norm(trainer.host_state().params)))
   throughput = console.Throughput(tc.num_steps)
   last_saved = restored_step
   last_summary: dict[str, float] = {}
@@ -265,7 +271,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> train_state_lib.T
   def save() -> None:
     nonlocal last_saved
     check_health()
-    if health.problem is not None or not _params_finite(trainer.host_state()):
+    if health.problem is not None or not bool(_params_finite(trainer.host_state())):
       logging.warning('Step %d: not saving a checkpoint: %s; %s.', step, health.problem or 'non-finite parameters',
                       f'the last one is step {last_saved}' if last_saved is not None else 'none written yet')
       return
@@ -317,9 +323,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> train_state_lib.T
   finally:
     manager.wait_until_finished()
     manager.close()
-  logging.info('Finished at step %d in %s%s; checkpoints in %s', step,
+  bad_images = sources.bad_image_count()
+  logging.info('Finished at step %d in %s%s%s; checkpoints in %s', step,
                console.format_duration(time.monotonic() - started),
-               f', last loss {last_summary["loss"]:.4f}' if last_summary else '', checkpointing.checkpoint_dir(workdir))
+               f', last loss {last_summary["loss"]:.4f}' if last_summary else '',
+               f', {bad_images} unreadable image(s) skipped' if bad_images else '', checkpointing.checkpoint_dir(workdir))
   return trainer.host_state()
 
 
@@ -333,7 +341,7 @@ def _write_sample_grid(config, trainer: Trainer, sample_fn, writer, workdir: str
                               config.sample.batch_size)
   grid = images_lib.make_grid(*sampling.grid_layout(config, samples, labels))
   if jax.process_index() == 0:
-    path = os.path.join(workdir, 'samples', f'train_step_{step}.png')
+    path = os.path.join(os.path.abspath(workdir), 'samples', f'train_step_{step}.png')
     images_lib.save_png(grid, path)
     logging.info('Step %d: sample grid (EMA) written to %s', step, path)
   writer.write_images(step, {'samples': grid[None]})
