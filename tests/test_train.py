@@ -92,6 +92,7 @@ def _wait_for(predicate, proc, timeout=240):
   return False
 
 
+@pytest.mark.slow
 def test_ten_sigkills_at_random_moments_then_the_model_equals_an_uninterrupted_run(tmp_path, uninterrupted):
   """kill -9 ten times in a row while training with a checkpoint every step: each restart resumes (from the newest
   readable step: a kill mid-save leaves an orbax temporary directory or a step moved aside), and the final model
@@ -239,6 +240,7 @@ def _assert_console_for_people(stderr, workdir):
   assert len(lines) < 20, stderr
 
 
+@pytest.mark.slow
 def test_jit_pmap_and_two_processes_agree(tmp_path):
   """One process × 4 devices under jit and under pmap, and two processes × 2 devices (jax.distributed over CPU
   collectives), train the test config to the same parameters."""
