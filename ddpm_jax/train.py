@@ -192,10 +192,9 @@ def _params_finite(state: train_state_lib.TrainState) -> jax.Array:
 _global_norm = jax.jit(optax.global_norm)
 
 
-def _log_run(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, restored_step: Optional[int]) -> None:
+def _log_run(config: ml_collections.ConfigDict, workdir: str, num_params: int, restored_step: Optional[int]) -> None:
   """The resolved run, in a few lines: what is trained on what, where it goes."""
   info = input_pipeline.dataset_info(config)
-  num_params = sum(x.size for x in jax.tree.leaves(trainer.host_state().params))
   h, w, c = info.image_shape
   devices = jax.devices()
   logging.info('Data: %s %s, %d training examples (%dx%dx%d)%s', config.data.dataset, config.data.train_split,
@@ -236,12 +235,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> train_state_lib.T
       lambda: input_pipeline.checkpoint_restore_args(train_iter))
   trainer.set_state(state)
   step = int(jax.device_get(trainer.host_state().step))
-  _log_run(config, workdir, trainer, restored_step)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  _log_run(config, workdir, num_params, restored_step)
 
   is_chief = jax.process_index() == 0
   writer = metric_writers.SummaryWriter(workdir) if is_chief else metric_writers.MultiWriter([])
   if step == 0:
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
     writer.write_hparams({'num_params': num_params, **{k: str(v) for k, v in _flat(config).items()}})
 
   sample_fn = None
@@ -318,8 +317,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> train_state_lib.T
           _write_sample_grid(config, trainer, sample_fn, writer, workdir, step)
         if step % tc.checkpoint_every == 0 or step >= tc.num_steps:
           save()
-      if step != last_saved:
-        save()  # preempted between checkpoints
+      if preemption.requested and step != last_saved:
+        save()  # preempted between checkpoints (every other last step was saved, or refused, in the loop)
   finally:
     manager.wait_until_finished()
     manager.close()
