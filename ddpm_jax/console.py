@@ -27,6 +27,10 @@ _CHATTER = (
     'Closing _NonBlockingMetadataStore',
     'Waiting for previous save to complete',  # orbax: a save while the previous one is still being written
 )
+# Packages whose warnings are about their own mechanics (orbax: "Given directory is read only", "Item 'data' was
+# found in the checkpoint, but could not be restored" when only the parameters are read), not about the run; their
+# errors still show.
+_CHATTY_PACKAGES = ('orbax',)
 # Loggers whose records never carry user-facing information below ERROR.
 _QUIET_LOGGERS = ('jax._src.xla_bridge', 'orbax', 'absl', 'tensorflow', 'grain', 'asyncio', 'clu')
 
@@ -41,6 +45,8 @@ class _ConsoleFilter(std_logging.Filter):
       return True
     if record.levelno < std_logging.WARNING:
       return False
+    if record.levelno < std_logging.ERROR and any(f'{os.sep}{p}{os.sep}' in path for p in _CHATTY_PACKAGES):
+      return False
     message = record.getMessage()
     return not any(text in message for text in _CHATTER)
 
@@ -54,11 +60,11 @@ class _ShortFormatter(std_logging.Formatter):
     return f'{stamp} {level}{record.getMessage()}'
 
 
-def setup(verbosity: int = 0) -> None:
-  """Configures the console for a run; `verbosity >= 1` keeps every library's logs in absl's format."""
+def setup(verbosity: int = 0, handler: Optional[std_logging.Handler] = None) -> None:
+  """Configures the console (absl's handler, or `handler`); `verbosity >= 1` keeps every library's logs as they are."""
   if verbosity >= 1:
     return
-  handler = logging.get_absl_handler()
+  handler = handler or logging.get_absl_handler()
   handler.addFilter(_ConsoleFilter())
   handler.setFormatter(_ShortFormatter())
   # Python-logging records of these libraries go through the same handler; stop INFO chatter at its source too.
