@@ -32,6 +32,10 @@ class CheckpointNotFoundError(UserError, FileNotFoundError):
   """No (readable) checkpoint where one was required."""
 
 
+class CheckpointMismatchError(UserError):
+  """A readable checkpoint holds a state of another shape: the run was started with another config."""
+
+
 def checkpoint_dir(workdir: str) -> str:
   """Directory holding the numbered step directories of `workdir`."""
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
@@ -116,6 +120,38 @@ def move_aside(workdir: str, step: int, reason: str) -> str:
   return target
 
 
+def _path_key(path) -> tuple[str, ...]:
+  """A pytree key path as strings, the same for a dict, a (named) tuple or orbax's stored form of either."""
+  return tuple(str(next(getattr(k, a) for a in ('key', 'idx', 'name') if hasattr(k, a))) for k in path)
+
+
+def _shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {_path_key(path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _state_mismatch(reader: ocp.CheckpointManager, step: int, abstract: Any) -> Optional[str]:
+  """How the stored state of `step` differs in structure or shapes from `abstract` (None: it fits).
+
+  Reads metadata only. Raises (any exception) when the metadata itself cannot be read: that is corruption, not a
+  mismatch. A mismatch means the run was resumed with another config (architecture, optimizer, t sampling), which
+  must stop the run rather than have its checkpoints moved aside as unreadable.
+  """
+  metadata = reader.item_metadata(step)[STATE_ITEM]
+  if metadata is None:
+    raise ValueError('the state item has no metadata')
+  stored, wanted = _shapes(metadata), _shapes(abstract)
+  for key in sorted(set(stored) | set(wanted)):
+    name = '/'.join(key)
+    if key not in stored:
+      return f'{name} is not in the checkpoint'
+    if key not in wanted:
+      return f'the checkpoint has {name}, which this config does not'
+    if stored[key] != wanted[key]:
+      return f'{name} has shape {stored[key]} in the checkpoint and {wanted[key]} with this config'
+  return None
+
+
 def restore_latest(workdir: str, keep: Optional[int], target_state: Any,
                    data_restore_args_fn: Optional[Callable[[], Any]] = None
                    ) -> tuple[ocp.CheckpointManager, Optional[int], Any]:
@@ -130,6 +166,7 @@ def restore_latest(workdir: str, keep: Optional[int], target_state: Any,
   target = to_saveable(target_state)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   manager = create_manager(workdir, keep)
+  reader = create_manager(workdir, read_only=True) if manager.all_steps() else None  # metadata without a target
   moved = False
   try:
     for step in sorted(manager.all_steps(), reverse=True):
@@ -137,18 +174,28 @@ def restore_latest(workdir: str, keep: Optional[int], target_state: Any,
       if data_restore_args_fn is not None:
         items[DATA_ITEM] = data_restore_args_fn()
       try:
-        restored = manager.restore(step, args=ocp.args.Composite(**items))
+        mismatch = _state_mismatch(reader, step, abstract)
+        if mismatch is None:
+          restored = manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # pylint: disable=broad-except  (any failure to read means: not this step)
         _ignore_closed_event_loop_reports()
         if jax.process_index() == 0:
           move_aside(workdir, step, _reason(e))
         moved = True
         continue
+      if mismatch is not None:
+        raise CheckpointMismatchError(
+            f'the checkpoint at step {step} in {checkpoint_dir(workdir)} was written with another config: '
+            f'{mismatch}. Resume with the config this run was started with ({os.path.join(workdir, "config.json")}'
+            ' and the same overrides), or use a new --workdir')
       return _reopen(manager, workdir, keep, moved), step, from_saveable(restored[STATE_ITEM], target_state)
     return _reopen(manager, workdir, keep, moved), None, target_state
   except BaseException:
     manager.close()
     raise
+  finally:
+    if reader is not None:
+      reader.close()
 
 
 def _reopen(manager: ocp.CheckpointManager, workdir: str, keep: Optional[int], moved: bool) -> ocp.CheckpointManager:

@@ -224,7 +224,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> train_state_lib.TrainState:
-  write_config(config, workdir)
   tc = config.training
   started = time.monotonic()
 
@@ -234,6 +233,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> train_state_lib.T
       workdir, tc.keep_checkpoints, trainer.host_state(),
       lambda: input_pipeline.checkpoint_restore_args(train_iter))
   trainer.set_state(state)
+  write_config(config, workdir)  # after the restore: a run resumed with a mismatching config keeps the original's
   step = int(jax.device_get(trainer.host_state().step))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   _log_run(config, workdir, num_params, restored_step)

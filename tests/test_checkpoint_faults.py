@@ -28,8 +28,8 @@ from ddpm_jax import workdir_lock
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _state(value):
-  params = {'w': jnp.full((64, 32), value), 'b': {'c': jnp.arange(4.0) * value}}
+def _state(value, width=32):
+  params = {'w': jnp.full((64, width), value), 'b': {'c': jnp.arange(4.0) * value}}
   return {'step': jnp.int32(value), 'params': params, 'ema_params': params,
           'opt_state': optax.adam(1e-3).init(params)}
 
@@ -82,11 +82,11 @@ CORRUPTIONS = {
 }
 
 
-def _restore(workdir):
+def _restore(workdir, target=None):
   with tfds.testing.mock_data(num_examples=64):
     it = _iterator()
     manager, step, state = checkpointing.restore_latest(
-        workdir, 3, _state(0.0), lambda: input_pipeline.checkpoint_restore_args(it))
+        workdir, 3, _state(0.0) if target is None else target, lambda: input_pipeline.checkpoint_restore_args(it))
     manager.close()
   return step, state
 
@@ -137,6 +137,18 @@ def test_orbax_temporary_directory_from_a_kill_is_ignored_and_kept(two_checkpoin
   assert step == 4
   np.testing.assert_array_equal(state['params']['w'], np.full((64, 32), 4.0))
   assert os.path.isdir(partial)
+
+
+def test_a_run_resumed_with_another_config_stops_and_moves_nothing(two_checkpoints, tmp_path):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(two_checkpoints, workdir)
+  listing = sorted(os.listdir(checkpointing.checkpoint_dir(workdir)))
+  with pytest.raises(checkpointing.CheckpointMismatchError) as err:
+    _restore(workdir, target=_state(0.0, width=16))  # e.g. another model.ch
+  message = str(err.value)
+  assert 'step 4' in message and 'params/w has shape (64, 32) in the checkpoint and (64, 16)' in message
+  assert '\n' not in message and 'config.json' in message
+  assert sorted(os.listdir(checkpointing.checkpoint_dir(workdir))) == listing
 
 
 def test_sample_and_eval_fall_back_without_touching_checkpoints(two_checkpoints, tmp_path):
