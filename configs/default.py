@@ -88,7 +88,8 @@ def get_config() -> ml_collections.ConfigDict:
   # learned_range (interpolation between log beta~_t and log beta_t, Nichol & Dhariwal 2021).
   diffusion.var_type = 'fixedlarge'
   # Loss: mse (L_simple, eq. 14), kl (the variational bound), hybrid (L_simple + lambda * L_vlb),
-  # rescaled_mse, rescaled_kl (improved-diffusion's rescaled variants).
+  # rescaled_mse, rescaled_kl (improved-diffusion's rescaled variants), l1 (mean absolute error on L_simple's
+  # target), huber (Huber loss, delta 1, on L_simple's target; both denoising-diffusion-pytorch's options).
   diffusion.loss_type = 'mse'
   # Weight lambda of L_vlb in the hybrid loss.
   diffusion.hybrid_lambda = 0.001

@@ -21,7 +21,7 @@ from ddpm_jax import schedules
 
 MEAN_TYPES = ('eps', 'xstart', 'xprev', 'v')
 VAR_TYPES = ('fixedlarge', 'fixedsmall', 'learned', 'learned_range')
-LOSS_TYPES = ('mse', 'kl', 'hybrid', 'rescaled_mse', 'rescaled_kl')
+LOSS_TYPES = ('mse', 'kl', 'hybrid', 'rescaled_mse', 'rescaled_kl', 'l1', 'huber')
 T_SAMPLINGS = ('uniform', 'importance')
 LEARNED_VAR_TYPES = ('learned', 'learned_range')
 

@@ -2,6 +2,9 @@
 
 Losses (per example, mean over all non-batch dimensions):
   mse           L_simple, Ho et al. 2020 eq. 14: ||target - network output||^2 (target eps, x_0, mu~ or v).
+  l1            L_simple's target with the absolute error |target - output| (denoising-diffusion-pytorch's 'l1').
+  huber         L_simple's target with the Huber loss, delta 1: 0.5 d^2 if |d| < 1 else |d| - 0.5, d = target -
+                output (denoising-diffusion-pytorch's 'huber', PyTorch's smooth_l1_loss with beta = 1).
   kl            the variational bound term L_{t-1} (eq. 5) in bits/dim: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))
                 for t > 0 and the discretised Gaussian decoder NLL -log p(x_0|x_1) (Sec. 3.3) at t = 0.
   hybrid        L_simple + lambda * L_vlb (Nichol & Dhariwal 2021, Sec. 3.1), L_vlb estimated as T * L_{t-1} with a
@@ -9,8 +12,9 @@ Losses (per example, mean over all non-batch dimensions):
   rescaled_mse  as improved-diffusion: L_simple, plus the stop-gradient bound term * T / 1000 when the variance
                 is learned (for a learned variance the same objective as `hybrid` with lambda = 0.001).
   rescaled_kl   the bound term * T (a one-sample estimate of the whole bound L_vlb).
-With a learned variance, `mse` adds the stop-gradient bound term with weight 1 (improved-diffusion's MSE), so the
-variance channels are trained; with fixed variances `mse` is exactly L_simple.
+With a learned variance, `mse` (and likewise `l1` and `huber`) adds the stop-gradient bound term with weight 1
+(improved-diffusion's MSE), so the variance channels are trained; with fixed variances `mse` is exactly L_simple.
+Config validation only admits a learned variance with the bound losses (kl, hybrid, rescaled_kl).
 
 Timestep sampling: `uniform`, or `importance` (improved-diffusion's loss-second-moment resampler, Nichol &
 Dhariwal 2021 Sec. 3.3: p_t proportional to sqrt(E[L_t^2]) over the last 10 losses of each t, uniform until every t
@@ -64,14 +68,19 @@ def training_losses(diffusion: Diffusion, model_fn: ModelFn, x_start: Array, t: 
 
   Returns:
     dict of (B,) arrays: 'loss' (unweighted; feed it to `update_timestep_sampler`), 'weighted_loss' (loss *
-    weights; minimise its mean), 'mse' (L_simple term), 'vb' (the bound term L_{t-1} in bits/dim, unscaled;
-    zeros when the loss does not need it).
+    weights; minimise its mean), 'mse' (L_simple term), 'l1' (mean absolute error on the same target), 'huber'
+    (mean Huber loss, delta 1, on the same target), 'vb' (the bound term L_{t-1} in bits/dim, unscaled; zeros
+    when the loss does not need it).
   """
   loss_type = diffusion.loss_type
   x_t = diffusion_lib.q_sample(diffusion, x_start, t, noise)
   model_output = model_fn(x_t, t).astype(diffusion.dtype)
   mean_output, var_output = diffusion_lib.split_model_output(diffusion, model_output, x_start.shape[-1])
-  mse = mean_flat(jnp.square(mean_target(diffusion, x_start, x_t, t, noise) - mean_output))
+  error = mean_target(diffusion, x_start, x_t, t, noise) - mean_output
+  mse = mean_flat(jnp.square(error))
+  abs_error = jnp.abs(error)
+  l1 = mean_flat(abs_error)
+  huber = mean_flat(jnp.where(abs_error < 1.0, 0.5 * jnp.square(error), abs_error - 0.5))
 
   needs_vb = loss_type in ('kl', 'rescaled_kl', 'hybrid') or diffusion.learns_variance
   if needs_vb:
@@ -94,10 +103,11 @@ def training_losses(diffusion: Diffusion, model_fn: ModelFn, x_start: Array, t: 
     loss = mse + diffusion.hybrid_lambda * num_timesteps * vb
   elif loss_type == 'rescaled_mse':
     loss = mse + vb * (num_timesteps / 1000.0) if diffusion.learns_variance else mse
-  else:  # mse
-    loss = mse + vb if diffusion.learns_variance else mse
+  else:  # mse, l1, huber
+    simple = {'mse': mse, 'l1': l1, 'huber': huber}[loss_type]
+    loss = simple + vb if diffusion.learns_variance else simple
   weighted_loss = loss if weights is None else loss * weights.astype(loss.dtype)
-  return dict(loss=loss, weighted_loss=weighted_loss, mse=mse, vb=vb)
+  return dict(loss=loss, weighted_loss=weighted_loss, mse=mse, l1=l1, huber=huber, vb=vb)
 
 
 # --------------------------------------------------------------------------------------- timestep sampling

@@ -170,13 +170,17 @@ def training_losses(proc, output, x0, t, eps, loss_type, hybrid_lambda=0.001):
   target = {'eps': eps, 'xstart': x0, 'xprev': proc.q_posterior(x0, xt, t)[0],
             'v': proc.v_target(x0, t, eps)}[proc.mean_type]
   mse = per_example_mean((target - mean_out) ** 2)
+  d = target - mean_out
+  l1 = per_example_mean(np.abs(d))
+  huber = per_example_mean(np.where(np.abs(d) < 1, 0.5 * d ** 2, np.abs(d) - 0.5))
   learned = proc.var_type in ('learned', 'learned_range')
   vb = vb_term_bits(proc, output, x0, xt, t)[0]
   T = proc.T
   loss = {'mse': mse + vb if learned else mse,
+          'l1': l1 + vb if learned else l1, 'huber': huber + vb if learned else huber,
           'rescaled_mse': mse + vb * T / 1000 if learned else mse,
           'kl': vb, 'rescaled_kl': vb * T, 'hybrid': mse + hybrid_lambda * T * vb}[loss_type]
-  return dict(loss=loss, mse=mse, vb=vb)
+  return dict(loss=loss, mse=mse, l1=l1, huber=huber, vb=vb)
 
 
 def prior_bits(proc, x0):

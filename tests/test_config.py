@@ -80,6 +80,20 @@ def test_invalid_field_is_named(field, value, devices):
   assert f'config.{field}' in message and '\n' not in message
 
 
+@pytest.mark.parametrize('loss_type', ['l1', 'huber'])
+def test_l1_and_huber_losses_need_a_fixed_variance(loss_type):
+  for var_type in ('fixedlarge', 'fixedsmall'):
+    config = load('test')
+    config.diffusion.loss_type, config.diffusion.var_type = loss_type, var_type
+    config_validation.validate_config(config, 1)
+  config.diffusion.var_type = 'learned_range'
+  with pytest.raises(config_validation.ConfigError) as err:
+    config_validation.validate_config(config, 1)
+  message = str(err.value)
+  assert message.startswith("config.diffusion.var_type='learned_range' is invalid") and '\n' not in message
+  assert repr(loss_type) in message
+
+
 def _message(config):
   with pytest.raises(config_validation.ConfigError) as err:
     config_validation.validate_config(config, 1)
@@ -133,9 +147,9 @@ def test_cli_bad_override_is_one_line_without_traceback(tmp_path):
   workdir = tmp_path / 'run'
   proc = subprocess.run(
       [sys.executable, 'main.py', '--config=configs/test.py', f'--workdir={workdir}',
-       '--config.diffusion.loss_type=l1'],
+       '--config.diffusion.loss_type=l3'],
       cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert proc.returncode != 0
   assert 'Traceback' not in proc.stderr
-  assert "config.diffusion.loss_type='l1' is invalid" in proc.stderr
+  assert "config.diffusion.loss_type='l3' is invalid" in proc.stderr
   assert not (workdir / 'checkpoints').exists()  # failed before anything was built

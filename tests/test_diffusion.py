@@ -169,8 +169,8 @@ def test_bad_settings_raise_one_line_value_errors():
                   'eps, xstart, xprev, v')
   assert_one_line_error(lambda: diffusion_lib.make_diffusion(betas, var_type='small'), 'diffusion.var_type',
                   'fixedlarge, fixedsmall, learned, learned_range')
-  assert_one_line_error(lambda: diffusion_lib.make_diffusion(betas, loss_type='l1'), 'diffusion.loss_type',
-                  'mse, kl, hybrid, rescaled_mse, rescaled_kl')
+  assert_one_line_error(lambda: diffusion_lib.make_diffusion(betas, loss_type='l3'), 'diffusion.loss_type',
+                  'mse, kl, hybrid, rescaled_mse, rescaled_kl, l1, huber')
   assert_one_line_error(lambda: diffusion_lib.make_diffusion(betas, t_sampling='loss-second-moment'),
                   'diffusion.t_sampling', 'uniform, importance')
   assert_one_line_error(lambda: diffusion_lib.make_diffusion(betas, hybrid_lambda=-1.0), 'diffusion.hybrid_lambda')

@@ -126,6 +126,42 @@ def test_vb_terms_and_training_losses_match_reference(x64):
   assert np.all(want['vb'] > 0)  # the last combination computed a real bound
 
 
+@pytest.mark.parametrize('mean_type', diffusion_lib.MEAN_TYPES)
+def test_l1_and_huber_losses_match_numpy_formulas_on_both_huber_branches(mean_type):
+  x0, noise = _data(20)
+  t = np.arange(T)
+  proc = ref.Process(_betas(), mean_type, 'fixedlarge')
+  x_t = proc.q_sample(np.float64(x0), t, np.float64(noise))
+  target = {'eps': noise, 'xstart': x0, 'xprev': proc.q_posterior(np.float64(x0), x_t, t)[0],
+            'v': proc.v_target(np.float64(x0), t, np.float64(noise))}[mean_type]
+  rs = np.random.RandomState(21)
+  cases = {'both_branches': target + 1.5 * rs.randn(*target.shape),  # errors both below and above 1
+           'small': target + 0.3 * np.tanh(rs.randn(*target.shape))}  # every |error| < 1
+  for name, base in cases.items():
+    output = _toy_model(base, scale=0.05)(x_t, t, xp=np)
+    d_ref = np.float64(target) - output
+    if name == 'both_branches':
+      assert np.any(np.abs(d_ref) < 1) and np.any(np.abs(d_ref) > 1)
+    else:
+      assert np.all(np.abs(d_ref) < 1)
+    want_l1 = np.abs(d_ref).reshape(T, -1).mean(1)
+    want_huber = np.where(np.abs(d_ref) < 1, 0.5 * d_ref ** 2, np.abs(d_ref) - 0.5).reshape(T, -1).mean(1)
+    got = {}
+    for loss_type in ('l1', 'huber', 'mse'):
+      d = diffusion_lib.make_diffusion(_betas(), mean_type=mean_type, loss_type=loss_type)
+      got[loss_type] = losses.training_losses(d, _toy_model(jnp.asarray(base, jnp.float32), scale=0.05),
+                                              jnp.asarray(x0), jnp.asarray(t, jnp.int32), jnp.asarray(noise))
+    label = (mean_type, name)
+    assert ref.rel_err(got['l1']['loss'], want_l1) <= 1e-5, label
+    assert ref.rel_err(got['huber']['loss'], want_huber) <= 1e-5, label
+    np.testing.assert_array_equal(got['l1']['vb'], 0.0)
+    for loss_type in ('l1', 'huber'):  # every loss type reports all three terms of the same output
+      for key in ('mse', 'l1', 'huber'):
+        np.testing.assert_allclose(got[loss_type][key], got['mse'][key], rtol=1e-6)
+    if name == 'small':
+      assert ref.rel_err(got['huber']['loss'], 0.5 * got['mse']['loss']) <= 1e-5, label
+
+
 def test_hybrid_bound_trains_only_the_variance_and_kl_trains_both():
   x0, noise = _data(4)
   t = jnp.arange(T, dtype=jnp.int32)
