@@ -37,10 +37,10 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
   if mode not in MODES:
     raise ConfigError(f'--mode={mode!r} is invalid: must be one of {list(MODES)}')
   config_validation.validate_config(config, jax.device_count())
-  check_workdir(workdir, mode)
   from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   if mode in ('train', 'eval'):
     input_pipeline.check_data(config, _splits(config, mode))
+  check_workdir(workdir, mode)  # after the data checks: a mistyped field leaves no new empty workdir behind
   if mode == 'train':
     from ddpm_jax import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, workdir)
