@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ddpm_jax.errors import UserError
+from ddpm_jax.errors import UserError, one_line
 
 STATE_ITEM = 'state'
 DATA_ITEM = 'data'
@@ -78,11 +78,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_save_args: 
 
 def _reason(e: BaseException) -> str:
   """One line saying why a step could not be read."""
-  lines = [line for line in str(e).splitlines() if line.strip()]
-  if not lines:
-    return type(e).__name__
-  first = lines[0].split(' See full TensorStore details')[0]  # the rest is a pybind repr, not an explanation
-  return f'{type(e).__name__}: {first[:200]}'
+  return one_line(e, 200).split(' See full TensorStore details')[0]  # the rest is a pybind repr, no explanation
 
 
 

@@ -5,6 +5,13 @@ them without importing the config validator.
 """
 
 
+def one_line(e: BaseException, limit: int = 300) -> str:
+  """`Type: first line of the message` (at most `limit` characters), for quoting an exception inside a one-line
+  error or warning."""
+  lines = [line for line in str(e).splitlines() if line.strip()]
+  return f'{type(e).__name__}: {lines[0].strip()[:limit]}' if lines else type(e).__name__
+
+
 class UserError(Exception):
   """An error in what the user asked for (config, data, checkpoint, workdir): one line, no traceback."""
 

@@ -38,7 +38,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
-from ddpm_jax.errors import UserError
+from ddpm_jax.errors import UserError, one_line
 
 MNIST5K_SPLITS = {'train': (0, 4500), 'test': (4500, 5000), 'all': (0, 5000)}
 FOLDER_SPLITS = ('train', 'all')
@@ -53,12 +53,6 @@ class DataConfigError(UserError, ValueError):
 
 class DatasetNotPreparedError(UserError, RuntimeError):
   """A TFDS dataset is not prepared and cannot be prepared on this machine."""
-
-
-def _one_line(e: Exception) -> str:
-  """`Type: first line of the message`, for embedding an exception in a one-line error."""
-  lines = str(e).strip().splitlines() or ['']
-  return f'{type(e).__name__}: {lines[0][:300]}'
 
 
 class BadImageError(DataConfigError):
@@ -149,7 +143,7 @@ def _header_problem(file: str) -> Optional[str]:
   except Image.UnidentifiedImageError:  # PIL's message only repeats the file name
     return 'not an image file (empty, or no format PIL knows: PNG and JPEG are expected)'
   except _UNREADABLE_IMAGE_ERRORS as e:
-    return _one_line(e)
+    return one_line(e)
 
 
 @functools.lru_cache(maxsize=8)
@@ -261,8 +255,8 @@ class FolderSource:
         image = self._decode(file)
       except _UNREADABLE_IMAGE_ERRORS as e:
         if not self._skip:
-          raise BadImageError(file, _one_line(e)) from e
-        _record_bad_image(file, _one_line(e))
+          raise BadImageError(file, one_line(e)) from e
+        _record_bad_image(file, one_line(e))
         continue
       example = {'image': image}
       if self._labels is not None:
@@ -328,7 +322,7 @@ def _tfds_builder(dataset: str, name: str, data_dir: Optional[str]):
     return tfds.builder(name, data_dir=data_dir, file_format='array_record')
   except Exception as e:  # pylint: disable=broad-except
     raise DatasetNotPreparedError(f'config.data.dataset={dataset!r}: cannot load the TFDS builder {name!r} '
-                                  f'(config.data.data_dir={data_dir!r}): {_one_line(e)}') from e
+                                  f'(config.data.data_dir={data_dir!r}): {one_line(e)}') from e
 
 
 def _tfds_split_names(split: str) -> list[str]:
@@ -368,7 +362,7 @@ def check_tfds_split(dataset: str, name: str, split: str, data_dir: Optional[str
       if any(n not in splits and n != 'all' for n in _tfds_split_names(split)):  # 'all' = every split, in TFDS
         raise DataConfigError(f'{subject} is not a split of {name}: available {available}') from None
       raise DataConfigError(f'{subject} is not a valid TFDS split of {name} (splits {available}; slices such as '
-                            f"'train[:1000]' or 'train[:10%]' are allowed): {_one_line(e)}") from None
+                            f"'train[:1000]' or 'train[:10%]' are allowed): {one_line(e)}") from None
   tfds_source(dataset, name, split, data_dir)
 
 
@@ -398,7 +392,7 @@ def tfds_source(dataset: str, name: str, split: str, data_dir: Optional[str]):
     splits = list(builder.info.splits.keys())
     raise DataConfigError(f'{field}: cannot read split {split!r} of {name!r} in {root} (available splits: {splits}; '
                      f'the files must be ArrayRecord, rebuild with {build_cmd} if they are TFRecord): '
-                     f'{_one_line(first_error)}') from first_error
+                     f'{one_line(first_error)}') from first_error
   where = f'{builder.data_path}'
   if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
     manual = os.path.join(root, 'downloads', 'manual')
