@@ -81,7 +81,6 @@ def _reason(e: BaseException) -> str:
   return one_line(e, 200).split(' See full TensorStore details')[0]  # the rest is a pybind repr, no explanation
 
 
-
 def _ignore_closed_event_loop_reports() -> None:
   """After a failed restore, tensorstore still completes the reads of the other arrays and posts each result to
   orbax's event loop, which is closed by then: every post is reported as an unraisable `RuntimeError('Event loop is

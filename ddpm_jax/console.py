@@ -5,7 +5,8 @@ libraries that are not known chatter. orbax, absl, TensorFlow, clu and jax's bac
 `--verbosity=1` (absl's flag), in absl's usual format.
 
 `Throughput` measures the rate on completed work only (the first unit, which includes compilation, is excluded) and
-turns it into an ETA; `format_duration` is the one way durations are written.
+turns it into an ETA; `ProgressLog` says when a progress line is due and writes its rate and ETA;
+`format_duration` is the one way durations are written.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import time
 from typing import Optional
 
 from absl import logging
+
+# Progress lines of a long phase are logged at most this often (and when the first ETA is known, and at the end).
+PROGRESS_LOG_SECONDS = 10.0
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _MAIN = os.path.join(os.path.dirname(_PACKAGE_DIR), 'main.py')
@@ -122,3 +126,37 @@ class Throughput:
     if rate is None or self._last is None:
       return None
     return max(0, self.total - self._last[0]) / rate
+
+
+class ProgressLog:
+  """When to log a progress line of a phase of `total` units, and its rate and ETA (`Throughput`, which
+  leaves out the first unit, compilation included). Due at most every `PROGRESS_LOG_SECONDS`, as soon as an ETA
+  is known and at the last unit, so a phase of many fast units does not flood the console."""
+
+  def __init__(self, total: int):
+    self.throughput = Throughput(total)
+    self._start = self._last_log = time.monotonic()
+    self._eta_logged = False
+
+  def due(self, done: int) -> bool:
+    """Records that `done` units are complete; True if a line should be logged now."""
+    self.throughput.update(done)
+    now = time.monotonic()
+    first_eta = not self._eta_logged and self.throughput.rate is not None
+    if first_eta or done >= self.throughput.total or now - self._last_log >= PROGRESS_LOG_SECONDS:
+      self._last_log = now
+      self._eta_logged = self._eta_logged or first_eta
+      return True
+    return False
+
+  def rate(self, items_per_unit: int = 1, item: str = 'batch', items: str = 'batches') -> str:
+    """`16s/batch` below one item per second, else `3.2 batches/s`; before the rate is known (one unit done), the
+    time so far, which includes compilation."""
+    rate = self.throughput.rate
+    if rate is None:
+      return f'{format_duration(time.monotonic() - self._start)} with compilation'
+    rate *= items_per_unit
+    return f'{format_duration(1 / rate)}/{item}' if rate < 1 else f'{rate:.3g} {items}/s'
+
+  def eta(self) -> str:
+    return format_duration(self.throughput.eta())

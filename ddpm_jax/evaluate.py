@@ -53,8 +53,6 @@ from ddpm_jax.evaluation import metrics
 
 # Progress is written at most this often (and always after the last batch of a phase).
 PROGRESS_SAVE_SECONDS = 60.0
-# Progress lines are logged at most this often (and when the first ETA is known, and after the last unit).
-PROGRESS_LOG_SECONDS = 10.0
 # Largest number of timesteps of the bound per compiled call, between which progress is logged. About 20 s per
 # chunk for the quickstart's 100 examples on a 2-core CPU; on CPU 40 chunks of 25 run as fast as one scan of 1000.
 BPD_CHUNK_TIMESTEPS = 25
@@ -125,40 +123,6 @@ class _Progress:
   def clear(self) -> None:
     if jax.process_index() == 0 and os.path.isdir(self.directory):
       shutil.rmtree(self.directory)
-
-
-class _ProgressLog:
-  """When to log a progress line of a phase of `total` units, and its rate and ETA (`console.Throughput`, which
-  leaves out the first unit, compilation included). Due at most every `PROGRESS_LOG_SECONDS`, as soon as an ETA
-  is known and at the last unit, so a phase of many fast units does not flood the console."""
-
-  def __init__(self, total: int):
-    self.throughput = console.Throughput(total)
-    self._start = self._last_log = time.monotonic()
-    self._eta_logged = False
-
-  def due(self, done: int) -> bool:
-    """Records that `done` units are complete; True if a line should be logged now."""
-    self.throughput.update(done)
-    now = time.monotonic()
-    first_eta = not self._eta_logged and self.throughput.rate is not None
-    if first_eta or done >= self.throughput.total or now - self._last_log >= PROGRESS_LOG_SECONDS:
-      self._last_log = now
-      self._eta_logged = self._eta_logged or first_eta
-      return True
-    return False
-
-  def rate(self, items_per_unit: int = 1, item: str = 'batch', items: str = 'batches') -> str:
-    """`16s/batch` below one item per second, else `3.2 batches/s`; before the rate is known (one unit done), the
-    time so far, which includes compilation."""
-    rate = self.throughput.rate
-    if rate is None:
-      return f'{console.format_duration(time.monotonic() - self._start)} with compilation'
-    rate *= items_per_unit
-    return f'{console.format_duration(1 / rate)}/{item}' if rate < 1 else f'{rate:.3g} {items}/s'
-
-  def eta(self) -> str:
-    return console.format_duration(self.throughput.eta())
 
 
 def _hash(obj: Any, length: int = 16) -> str:
@@ -281,7 +245,7 @@ def compute_bpd(config: ml_collections.ConfigDict, model, diffusion: diffusion_l
   """Bits/dim (eq. 5) of the batches of `bpd_iterator(config)`, resuming saved partial sums (whole batches).
 
   Logs the timesteps done of the batch and an ETA of the whole phase between chunks of timesteps (at most every
-  `PROGRESS_LOG_SECONDS`, and after every batch): one batch can take many minutes on a CPU.
+  `console.PROGRESS_LOG_SECONDS`, and after every batch): one batch can take many minutes on a CPU.
   """
   split = config.data.eval_split
   it = it if it is not None else bpd_iterator(config)
@@ -299,7 +263,7 @@ def compute_bpd(config: ml_collections.ConfigDict, model, diffusion: diffusion_l
     chunk_fn = make_bpd_chunk_fn(model, diffusion, mesh, chunk_size)
     key = bpd_key(config.seed)
     conditional = bool(config.model.num_classes)
-    log = _ProgressLog((len(it) - done) * num_chunks)
+    log = console.ProgressLog((len(it) - done) * num_chunks)
     for b, batch in enumerate(it):
       if b < done:
         continue  # reading a done batch costs only its decoding
@@ -447,7 +411,7 @@ def reference_statistics(source: ReferenceSource, net, eval_dir: str,
     done = int(state.pop('batches_done'))
     acc = metrics.FeatureStatsAccumulator.from_state_dict(state)
     logging.info('FID reference statistics of %s: resuming after %d of %d batches.', split, done, len(it))
-  log = _ProgressLog(len(it) - done)
+  log = console.ProgressLog(len(it) - done)
   for b, batch in enumerate(it):
     if b < done:
       continue
@@ -487,7 +451,7 @@ def sample_features(config: ml_collections.ConfigDict, model, diffusion: diffusi
     base_rng = train_state_lib.random_streams(config.seed)['sample']
     # Inception chunks no larger than a sample batch: a small sample batch is not padded to a large chunk.
     chunk = min(config.eval.inception_batch_size, batch)
-    log = _ProgressLog(num_batches - done)
+    log = console.ProgressLog(num_batches - done)
     for i in range(done, num_batches):
       labels = None if labels_all is None else np.resize(labels_all[i * batch:(i + 1) * batch], batch)
       images = sampling.generate(sample_fn, params, jax.random.fold_in(base_rng, i), labels, mesh, batch)

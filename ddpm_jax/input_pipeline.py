@@ -430,8 +430,7 @@ def check_data(config, splits: Union[Mapping[str, str], Sequence[str]] = ()) -> 
     DatasetNotPreparedError: a TFDS dataset is not prepared and cannot be prepared here.
   """
   spec = _spec(config)
-  _image_shape(config, spec)
-  info = dataset_info(config)
+  info = dataset_info(config)  # checks sizes and channels against the dataset (`_image_shape`)
   _check_labels(config, info)
   if spec.kind == 'folder':
     sources.check_folder_headers(sources.scan_folder(config.data.path), _skip_bad_images(config))
