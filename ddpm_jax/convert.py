@@ -2,7 +2,7 @@
 
 The released models of Ho et al. 2020 (google/ddpm-cifar10-32, google/ddpm-celebahq-256, google/ddpm-church-256,
 google/ddpm-bedroom-256, google/ddpm-cat-256, ...) are distributed as a diffusers `UNet2DModel`: a `config.json` and
-`diffusion_pytorch_model.safetensors` (or `.bin`, a torch zip pickle), at the top of the directory or under `unet/`.
+`diffusion_pytorch_model.safetensors` (or `.bin`, a `torch.save` pickle), at the top of the directory or under `unet/`.
 Their config reproduces the original TF network exactly (`flip_sin_to_cos=False`, `freq_shift=1`,
 `downsample_padding=0`, `norm_eps=1e-6`, single-head attention), which is what `ddpm_jax.models.UNet` computes.
 
@@ -12,29 +12,30 @@ writes `<WORKDIR>/checkpoints/<step>/` (params = ema_params = the released weigh
 `<WORKDIR>/config.json` (the full resolved config, as training writes it, with the model fields of the checkpoint).
 Then `python main.py --config=configs/cifar10.py --workdir=WORKDIR --mode=sample` (or `--mode=eval`).
 
-Nothing here imports torch: `.safetensors` files are read with `safetensors.numpy`, `.bin` files with a restricted
-unpickler that maps torch storages to NumPy arrays (and refuses any other pickled object).
+Nothing here imports torch: `.safetensors` files are read with `safetensors.numpy`, `.bin` files with
+`ddpm_jax.torch_checkpoint` (which runs no code from the file).
 """
 
 from __future__ import annotations
 
-import argparse
-import collections
-import importlib.util
 import json
 import logging
 import os
-import pickle
+import pathlib
 import re
 import sys
-import zipfile
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
+from absl import flags
+from flax import traverse_util
 import ml_collections
+from ml_collections import config_flags
 import numpy as np
 
+from ddpm_jax import atomic_write
 from ddpm_jax import config_validation
-from ddpm_jax.errors import UserError
+from ddpm_jax import errors
+from ddpm_jax import torch_checkpoint
 
 WEIGHT_NAMES = ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.bin')
 SCHEDULER_CONFIGS = ('scheduler_config.json', os.path.join('scheduler', 'scheduler_config.json'))
@@ -57,122 +58,25 @@ DIFFUSERS_UNET2D_DEFAULTS = {
 _SCHEDULES = {'linear': 'linear', 'scaled_linear': 'quad', 'squaredcos_cap_v2': 'cosine'}
 
 
-class ConversionError(UserError, ValueError):
+class ConversionError(errors.UserError, ValueError):
   """The checkpoint cannot be converted (missing files, unsupported architecture, mismatched tensors)."""
 
 
 # ------------------------------------------------------------------------------------------------ reading weights
 
-_TORCH_STORAGE_DTYPES = {
-    'FloatStorage': np.float32, 'DoubleStorage': np.float64, 'HalfStorage': np.float16,
-    'LongStorage': np.int64, 'IntStorage': np.int32, 'ShortStorage': np.int16, 'CharStorage': np.int8,
-    'ByteStorage': np.uint8, 'BoolStorage': np.bool_,
-}
-
-
-def _storage_dtype(name: str):
-  if name == 'BFloat16Storage':
-    import ml_dtypes  # pylint: disable=g-import-not-at-top  (a jax dependency)
-    return ml_dtypes.bfloat16
-  if name not in _TORCH_STORAGE_DTYPES:
-    raise pickle.UnpicklingError(f'unsupported torch storage type {name}')
-  return _TORCH_STORAGE_DTYPES[name]
-
-
-class _StorageType:
-  """Stands in for `torch.FloatStorage` etc. inside the pickle: only carries the dtype."""
-
-  def __init__(self, name: str):
-    self.dtype = np.dtype(_storage_dtype(name))
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None):
-  del requires_grad, backward_hooks, metadata
-  size, stride = tuple(size), tuple(stride)
-  item = storage.itemsize
-  if not size:
-    return np.array(storage[storage_offset])
-  view = np.lib.stride_tricks.as_strided(storage[storage_offset:], shape=size, strides=[s * item for s in stride])
-  return np.array(view, order='C')  # an owned, C-contiguous copy
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *unused):
-  del requires_grad, backward_hooks, unused
-  return data
-
-
-class _TorchZipUnpickler(pickle.Unpickler):
-  """Unpickles a torch (>= 1.6) zip checkpoint of tensors without torch; any other global is refused."""
-
-  def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
-    super().__init__(file)
-    self._archive = archive
-    self._prefix = prefix
-    self._storages = {}
-
-  def find_class(self, module: str, name: str):
-    if module == 'torch._utils' and name == '_rebuild_tensor_v2':
-      return _rebuild_tensor_v2
-    if module == 'torch._utils' and name == '_rebuild_parameter':
-      return _rebuild_parameter
-    if module == 'torch' and name.endswith('Storage'):
-      return _StorageType(name)
-    if module == 'collections' and name == 'OrderedDict':
-      return collections.OrderedDict
-    raise pickle.UnpicklingError(f'refusing to unpickle {module}.{name} (only tensors of a state dict are read)')
-
-  def persistent_load(self, pid):
-    kind, storage_type, key, _, _ = pid
-    if kind != 'storage' or not isinstance(storage_type, _StorageType):
-      raise pickle.UnpicklingError(f'unsupported persistent id {pid!r}')
-    if key not in self._storages:
-      raw = self._archive.read(f'{self._prefix}/data/{key}')
-      self._storages[key] = np.frombuffer(raw, dtype=storage_type.dtype)
-    return self._storages[key]
-
-
-def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
-  """Reads a `torch.save`d state dict (the zip format of torch >= 1.6) into NumPy arrays, without torch.
-
-  Older (non-zip) pickles are read with torch when it is installed; otherwise the error says to use safetensors.
-  """
-  if not zipfile.is_zipfile(path):
-    try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      raise ConversionError(f'{path} is a legacy (pre-1.6, non-zip) torch pickle, which needs torch to read; '
-                            'install torch or provide diffusion_pytorch_model.safetensors') from None
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    return {k: v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
-            for k, v in state.items()}
-  with zipfile.ZipFile(path) as archive:
-    pkl_names = [n for n in archive.namelist() if n.endswith('/data.pkl') or n == 'data.pkl']
-    if len(pkl_names) != 1:
-      raise ConversionError(f'{path}: not a torch checkpoint (expected one data.pkl in the zip archive)')
-    prefix = pkl_names[0][:-len('/data.pkl')] if '/' in pkl_names[0] else ''
-    byteorder_name = f'{prefix}/byteorder' if prefix else 'byteorder'
-    if byteorder_name in archive.namelist() and archive.read(byteorder_name).strip() != b'little':
-      raise ConversionError(f'{path}: big-endian torch checkpoints are not supported')
-    with archive.open(pkl_names[0]) as f:
-      try:
-        state = _TorchZipUnpickler(f, archive, prefix).load()
-      except pickle.UnpicklingError as e:
-        raise ConversionError(f'{path}: {e}') from None
-  if not isinstance(state, Mapping):
-    raise ConversionError(f'{path}: expected a state dict, found a pickled {type(state).__name__}')
-  return dict(state)
-
-
 def load_state_dict(weights_path: str) -> Dict[str, np.ndarray]:
-  """Reads `.safetensors` (safetensors.numpy) or `.bin` (torch zip pickle) weights into NumPy arrays."""
+  """Reads `.safetensors` (safetensors.numpy) or `.bin` (`torch.save`, read without torch) weights into NumPy
+  arrays; an unreadable file is a ConversionError naming it."""
   if weights_path.endswith('.safetensors'):
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     try:
       return dict(load_file(weights_path))
     except Exception as e:  # pylint: disable=broad-except
-      raise ConversionError(f'{weights_path}: unreadable safetensors file ({e})') from None
-  return load_torch_state_dict(weights_path)
+      raise ConversionError(f'{weights_path}: unreadable safetensors file ({errors.one_line(e)})') from None
+  try:
+    return torch_checkpoint.read_torch_file(weights_path)
+  except torch_checkpoint.TorchFileError as e:
+    raise ConversionError(str(e)) from None
 
 
 def find_checkpoint_files(checkpoint_dir: str) -> Tuple[str, str, Optional[str]]:
@@ -413,28 +317,6 @@ class _Converter:
     return {'norm': self.norm(f'{prefix}.group_norm'), 'qkv': fused, 'proj_out': self.dense(f'{prefix}.to_out.0')}
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:
-  flat = {}
-  for k, v in tree.items():
-    path = f'{prefix}/{k}' if prefix else k
-    if isinstance(v, Mapping):
-      flat.update(_flatten(v, path))
-    else:
-      flat[path] = v
-  return flat
-
-
-def _unflatten(flat: Mapping[str, Any]) -> Dict[str, Any]:
-  tree: Dict[str, Any] = {}
-  for path, v in flat.items():
-    node = tree
-    *parents, leaf = path.split('/')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
-
-
 def _listing(names, limit: int = 20) -> str:
   names = sorted(names)
   shown = ', '.join(names[:limit])
@@ -450,7 +332,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model) -> Dict[str,
   """
   from ddpm_jax import models  # pylint: disable=g-import-not-at-top
   state = _rename_legacy(state_dict)
-  expected = {k: tuple(v.shape) for k, v in _flatten(models.param_shapes(model)).items()}
+  expected = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(models.param_shapes(model), sep='/').items()}
   conv = _Converter(state)
   params = {}
   for theirs, ours, kind in _module_pairs(model):
@@ -458,7 +340,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model) -> Dict[str,
       params[ours] = conv.resnet(theirs, has_shortcut=f'{ours}/nin_shortcut/kernel' in expected)
     else:
       params[ours] = getattr(conv, kind)(theirs)
-  flat = {k: v for k, v in _flatten(params).items() if v is not None}
+  flat = {k: v for k, v in traverse_util.flatten_dict(params, sep='/').items() if v is not None}
 
   problems = []
   if conv.missing:
@@ -466,7 +348,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model) -> Dict[str,
   unexpected = set(state) - conv.used
   if unexpected:
     problems.append(f'unexpected in the checkpoint: {_listing(unexpected)}')
-  unfilled = set(expected) - set(_flatten(params))  # only if the mapping above forgot a module
+  unfilled = set(expected) - set(traverse_util.flatten_dict(params, sep='/'))  # only if the mapping above forgot a module
   if unfilled:
     problems.append(f'model parameters not filled: {_listing(unfilled)}')
   extra = set(flat) - set(expected)
@@ -478,7 +360,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model) -> Dict[str,
     problems.append(f'shape mismatches: {_listing(mismatched)}')
   if problems:
     raise ConversionError('cannot convert the diffusers checkpoint: ' + '; '.join(problems))
-  return _unflatten(flat)
+  return traverse_util.unflatten_dict(flat, sep='/')
 
 
 # ------------------------------------------------------------------------------------------------ entry points
@@ -505,15 +387,6 @@ def load_diffusers_checkpoint(checkpoint_dir: str) -> Tuple[Dict[str, Any], Dict
   return params, overrides
 
 
-def _load_config_file(path: str) -> ml_collections.ConfigDict:
-  if not os.path.isfile(path):
-    raise ConversionError(f'--config {path!r} is not a file')
-  spec = importlib.util.spec_from_file_location('_ddpm_convert_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def convert_checkpoint(checkpoint_dir: str, workdir: str, step: int = 0,
                        base_config: Optional[ml_collections.ConfigDict] = None) -> ml_collections.ConfigDict:
   """Converts a diffusers checkpoint into `workdir`: an inference checkpoint at `step` plus `config.json`.
@@ -538,10 +411,8 @@ def convert_checkpoint(checkpoint_dir: str, workdir: str, step: int = 0,
   config_validation.validate_config(config)  # one-line ConfigError before anything is written
   os.makedirs(workdir, exist_ok=True)
   checkpointing.save_inference_checkpoint(workdir, step, params, params)  # released weights are the EMA ones
-  tmp = os.path.join(workdir, 'config.json.tmp')
-  with open(tmp, 'w') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(tmp, os.path.join(workdir, 'config.json'))
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  atomic_write.atomic_write(os.path.join(workdir, 'config.json'), lambda tmp: pathlib.Path(tmp).write_text(text))
   return config
 
 
@@ -549,29 +420,95 @@ def _canon(v):
   return list(v) if isinstance(v, (list, tuple)) else v
 
 
-def main(argv: Optional[list] = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m ddpm_jax.convert',
-      description='Convert a diffusers DDPM checkpoint (e.g. google/ddpm-cifar10-32) into a ddpm_jax workdir.')
-  parser.add_argument('--checkpoint', required=True, help='diffusers UNet2DModel (or pipeline) directory')
-  parser.add_argument('--out', required=True, help='workdir to write checkpoints/<step>/ and config.json into')
-  parser.add_argument('--config', default=None,
-                      help='config file supplying dataset/sampling/eval settings (default: configs/default.py)')
-  parser.add_argument('--step', type=int, default=0, help='step number to store the weights under (default 0)')
-  args = parser.parse_args(argv)
+_PROGRAM = 'ddpm_jax.convert'
+_HELP_FLAGS = ('-h', '--help', '--helpshort', '--helpfull', '-?')
+
+
+def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
+  """The command's flags, in a FlagValues of their own: importing this module defines no global flags, and each
+  `main` call parses afresh. `argv` is where ml_collections finds the `--config.<field>=value` overrides."""
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+      'config', None, 'Config file supplying dataset/sampling/eval settings; fields can be overridden with '
+      '--config.<field>=value (default: the package defaults, ddpm_jax/default_config.py).', flag_values=fv,
+      lock_config=True, sys_argv=list(argv))
+  flags.DEFINE_string('checkpoint', None, 'diffusers UNet2DModel (or pipeline) directory.', flag_values=fv)
+  flags.DEFINE_string('out', None, 'Workdir to write checkpoints/<step>/ and config.json into.', flag_values=fv)
+  flags.DEFINE_integer('step', 0, 'Step number to store the weights under.', lower_bound=0, flag_values=fv)
+  flags.mark_flags_as_required(['checkpoint', 'out'], flag_values=fv)
+  return fv
+
+
+def _last_line(e: BaseException) -> str:
+  """The root cause of `e`, one line: a config file's own exception, not ml_collections' wrapping of it."""
+  while e.__cause__ is not None or e.__context__ is not None:
+    e = e.__cause__ or e.__context__
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  return f'{type(e).__name__}: {lines[-1] if lines else ""}'.rstrip(': ')
+
+
+def parse_flags(argv: Sequence[str]) -> flags.FlagValues:
+  """Parses the command's flags (`argv` without the program name). Every mistake -- an unknown or missing flag, a
+  bad value, a config file that does not load, an override of a field the config lacks -- is a one-line
+  UserError naming the flag."""
+  argv = [_PROGRAM] + list(argv)
+  fv = _define_flags(argv)
+  config_arg = None  # the config file as given (--config=FILE or --config FILE), for messages
+  for a, following in zip(argv, argv[1:] + ['']):
+    if a.startswith('--config='):
+      config_arg = a.split('=', 1)[1]
+    elif a == '--config':
+      config_arg = following
+  try:
+    extra = fv(argv)[1:]
+    if fv['config'].present:
+      fv.config.to_dict()  # a file that failed to load leaves a placeholder that raises on first use
+  except flags.Error as e:
+    first = str(e).splitlines()[0]
+    if 'Error whilst parsing config file' in first:  # the file raised: ml_collections quotes its traceback
+      raise errors.UserError(f'--config={config_arg}: cannot load the config file ({_last_line(e)})') from None
+    raise errors.UserError(f'{first} (see --help)') from None
+  except (KeyError, AttributeError) as e:  # an override of a field the config does not have
+    # ml_collections raises AttributeError(KeyError("'field'\nDid you mean ...?")) or the KeyError itself.
+    cause = e.args[0] if e.args and isinstance(e.args[0], KeyError) else e
+    key, *hint = str(cause.args[0] if cause.args else cause).splitlines() or ['?']
+    overrides = [a.split('=', 1)[0] for a in argv if a.startswith('--config.')]
+    raise errors.UserError(f'{" / ".join(overrides)}: the config from --config={config_arg} has no field '
+                           f'{key.strip(chr(39) + chr(34))!r}{" (" + " ".join(hint) + ")" if hint else ""}') from None
+  except Exception as e:  # pylint: disable=broad-except  (the config file is user code: anything can come out)
+    raise errors.UserError(f'--config={config_arg}: cannot load the config file ({_last_line(e)})') from None
+  if extra:
+    raise errors.UserError(f'unexpected arguments: {extra} (flags are --name=value)')
+  return fv
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """`python -m ddpm_jax.convert --checkpoint DIR --out WORKDIR [--config FILE] [--step N]` (`argv` without the
+  program name; default sys.argv[1:]). Returns the exit code: 0, or 2 with one line on stderr for anything the
+  user can fix (a flag, the config, the checkpoint directory or its files)."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if any(a in _HELP_FLAGS for a in argv):
+    print(f'{__doc__}\nflags:\n{_define_flags([_PROGRAM]).get_help()}')
+    return 0
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
   try:
-    base = _load_config_file(args.config) if args.config else None
-    config = convert_checkpoint(args.checkpoint, args.out, args.step, base)
-  except UserError as e:
-    print(f'ddpm_jax.convert: error: {e}', file=sys.stderr)
+    fv = parse_flags(argv)
+    base = fv.config if fv['config'].present else None
+    config = convert_checkpoint(fv.checkpoint, fv.out, fv.step, base)
+  except errors.UserError as e:
+    print(f'{_PROGRAM}: error: {" ".join(str(e).split())}', file=sys.stderr)
     return 2
   m = config.model
-  print(f'wrote {args.out}/checkpoints/{args.step} and {args.out}/config.json: ch={m.ch} ch_mult={tuple(m.ch_mult)} '
+  print(f'wrote {fv.out}/checkpoints/{fv.step} and {fv.out}/config.json: ch={m.ch} ch_mult={tuple(m.ch_mult)} '
         f'num_res_blocks={m.num_res_blocks} attn_resolutions={tuple(m.attn_resolutions)} '
         f'image_size={config.data.pad_to or config.data.image_size} learned_variance={m.learned_variance}')
   return 0
 
 
-if __name__ == '__main__':
+def entry() -> None:
+  """`python -m ddpm_jax.convert ...`: exits with `main`'s code."""
   sys.exit(main())
+
+
+if __name__ == '__main__':
+  entry()

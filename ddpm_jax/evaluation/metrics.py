@@ -5,7 +5,7 @@
   diagonals when the product is singular, as the TTUR code does.
 * Feature statistics: mean and unbiased covariance (np.cov, ddof=1, as TTUR) of pool3 features, in float64, in
   one go (`feature_statistics`) or streamed batch by batch with a padding mask (`FeatureStatsAccumulator`, whose
-  state can be saved and resumed, or merged across processes).
+  state can be saved and resumed).
 * Inception Score (Salimans et al. 2016, arXiv:1606.03498, §4): exp(E_x KL(p(y|x) || p(y))), mean and std over
   `splits` consecutive chunks, as OpenAI's inception_score.py.
 * Preprocessing: uint8 [0, 255] -> float32 (B, 299, 299, 3) in the network range. The protocol ('tf') resizes as
@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 import scipy.special
+
+from ddpm_jax import atomic_write
 
 INCEPTION_SIZE = 299
 PROTOCOL_NUM_SAMPLES = 50_000
@@ -111,7 +113,7 @@ class FeatureStatsAccumulator:
 
   The shift (the first batch's mean) keeps the sums centred, so the covariance does not lose digits to
   cancellation over 50k samples. `update(features, mask)` skips padding rows; `state_dict()` /
-  `from_state_dict()` (or `save` / `load`) resume a split's pass; `merge` combines per-process accumulators.
+  `from_state_dict()` resume a split's pass.
   """
 
   def __init__(self, dim: int = 2048):
@@ -140,20 +142,6 @@ class FeatureStatsAccumulator:
     self.count += f.shape[0]
     return self
 
-  def merge(self, other: 'FeatureStatsAccumulator') -> 'FeatureStatsAccumulator':
-    """Adds another accumulator's samples (re-centred onto this one's shift)."""
-    if other.count == 0:
-      return self
-    if self.count == 0:
-      self.shift, self.sum, self.sum_outer = other.shift.copy(), other.sum.copy(), other.sum_outer.copy()
-      self.count = other.count
-      return self
-    d = other.shift - self.shift
-    self.sum += other.sum + other.count * d
-    self.sum_outer += other.sum_outer + np.outer(other.sum, d) + np.outer(d, other.sum) + other.count * np.outer(d, d)
-    self.count += other.count
-    return self
-
   def finalize(self) -> Tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) float64 of everything seen; sigma unbiased (ddof=1)."""
     if self.count < 2:
@@ -176,28 +164,14 @@ class FeatureStatsAccumulator:
     acc.sum_outer = np.array(state['sum_outer'], np.float64)
     return acc
 
-  def save(self, path: str) -> None:
-    _atomic_savez(path, **self.state_dict())
-
-  @classmethod
-  def load(cls, path: str) -> 'FeatureStatsAccumulator':
-    with np.load(path) as z:
-      return cls.from_state_dict(dict(z))
-
-
-def _atomic_savez(path: str, **arrays) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)  # a run killed mid-write leaves no truncated file under the real name
-
 
 def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, num_samples: int,
                     protocol: Mapping[str, Any]) -> None:
   """Caches reference statistics with the protocol they were computed under (e.g. <workdir>/fid_stats/...)."""
-  _atomic_savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+  arrays = dict(mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
                 num_samples=np.asarray(num_samples, np.int64),
                 protocol=np.asarray(json.dumps(dict(protocol), sort_keys=True, default=str)))
+  atomic_write.atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 _PROTOCOL_KEYS = ('weights_sha256', 'resize', 'input_range', 'feature_layer')

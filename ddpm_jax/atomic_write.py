@@ -1,0 +1,28 @@
+"""Files written so that a reader finds the old version or the new one, never a truncated mix.
+
+A run killed (or preempted) mid-write must not leave a half-written `config.json`, evaluation progress file or
+cached FID statistics under the real name, where the next run would read it as valid.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+  """Calls `write(tmp)` to write the whole file at a temporary path beside `path`, then renames it onto `path`.
+
+  The rename (`os.replace`) is atomic on POSIX file systems. The temporary name keeps `path`'s extension, because
+  `np.save` / `np.savez` append `.npy` / `.npz` to a name without it. The parent directory is created if needed;
+  if `write` fails, the temporary file is removed and `path` is left as it was.
+  """
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp{os.path.splitext(path)[1]}'
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
