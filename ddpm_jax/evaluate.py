@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ddpm_jax import atomic_write
 from ddpm_jax import checkpointing
 from ddpm_jax import config_validation
 from ddpm_jax import console
@@ -80,15 +81,8 @@ def load_fid_network(config: ml_collections.ConfigDict):
 # ------------------------------------------------------------------------------------------------ progress
 
 
-def _atomic_write(path: str, write) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp{os.path.splitext(path)[1]}'
-  write(tmp)
-  os.replace(tmp, path)  # a run killed mid-write never leaves a truncated file under the real name
-
-
 def _savez(path: str, arrays: Dict[str, Any]) -> None:
-  _atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
+  atomic_write.atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 class _Progress:
@@ -461,7 +455,7 @@ def sample_features(config: ml_collections.ConfigDict, model, diffusion: diffusi
       acc.update(features)
       if with_logits and jax.process_index() == 0:
         path = os.path.join(progress.directory, f'logits_{i}.npy')
-        _atomic_write(path, lambda tmp, lg=logits: np.save(tmp, lg))
+        atomic_write.atomic_write(path, lambda tmp, lg=logits: np.save(tmp, lg))
       progress.save('samples', {**acc.state_dict(), 'batches_done': np.asarray(i + 1, np.int64)},
                     force=i + 1 == num_batches)
       if log.due(i + 1 - done):
@@ -621,7 +615,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, inception: Any 
     def write(tmp):
       with open(tmp, 'w') as f:
         json.dump(results, f, indent=2)
-    _atomic_write(path, write)
+    atomic_write.atomic_write(path, write)
   scalars = {f'eval/{k}': v for k, v in results.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool) and k != 'step'}
   if cfg.bpd:
