@@ -7,7 +7,7 @@ Usage (from the repository root):
 Two sources, both 32x32x3 uint8 with labels, through the full training pipeline (shuffle, flip, batch, [-1, 1]):
   mock   `tfds.testing.mock_data` cifar10 (random examples made by TFDS on access, no decoding).
   array  a prepared TFDS cifar10 in ArrayRecord files with PNG-encoded random images
-         (`input_pipeline.prepare_fake_cifar10`): the real read path, PNG decoding included, with random images
+         (`tests/fake_datasets.prepare_fake_cifar10`): the real read path, PNG decoding included, with random images
          instead of the real CIFAR-10 files (which need network to build).
 """
 
@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default as default_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests import fake_datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['128', '16'], 'Global batch sizes to time.')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 20_000, 'Images timed per measurement (after a warm-up).')
@@ -58,7 +59,7 @@ def main(argv):
       print(f'| cifar10 mock_data | {batch_size} | {_images_per_second(config):,.0f} |', flush=True)
   with tempfile.TemporaryDirectory() as data_dir:
     start = time.perf_counter()
-    input_pipeline.prepare_fake_cifar10(data_dir, num_train=_ARRAY_EXAMPLES.value, num_test=10)
+    fake_datasets.prepare_fake_cifar10(data_dir, num_train=_ARRAY_EXAMPLES.value, num_test=10)
     print(f'(prepared {_ARRAY_EXAMPLES.value} fake ArrayRecord examples in {time.perf_counter() - start:.1f} s)')
     config.data.data_dir = data_dir
     for batch_size in map(int, _BATCH_SIZES.value):

@@ -69,11 +69,10 @@ from PIL import Image
 
 from ddpm_jax.data import sources
 
-# Re-exported: callers catch `input_pipeline.DatasetNotPreparedError`; tests/benchmarks use `prepare_fake_cifar10`.
+# Re-exported: callers catch `input_pipeline.DatasetNotPreparedError`.
 DatasetNotPreparedError = sources.DatasetNotPreparedError
 DataConfigError = sources.DataConfigError
 BadImageError = sources.BadImageError
-prepare_fake_cifar10 = sources.prepare_fake_cifar10
 
 VALID_DATASETS = ('cifar10', 'celeb_a', 'celeb_a_hq', 'lsun/church_outdoor', 'lsun/bedroom', 'lsun/cat', 'mnist',
                   'fashion_mnist', 'folder', 'mnist5k')

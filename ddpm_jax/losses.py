@@ -20,22 +20,17 @@ Timestep sampling: `uniform`, or `importance` (improved-diffusion's loss-second-
 Dhariwal 2021 Sec. 3.3: p_t proportional to sqrt(E[L_t^2]) over the last 10 losses of each t, uniform until every t
 has 10, mixed with 1e-3 uniform); weights 1 / (T p_t) keep the objective unbiased. The sampler state is a pytree
 that is updated inside the jitted train step with the global batch's t and (unweighted) losses.
-
-`normal_kl`, `discretized_gaussian_log_likelihood` and `vb_terms_bpd` are defined in `ddpm_jax.likelihood` and
-re-exported here.
 """
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Tuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import likelihood
 from ddpm_jax.diffusion import Diffusion, mean_flat
-# The bound's terms live with the likelihood; re-exported here, where the training objectives use them.
-from ddpm_jax.likelihood import (  # pylint: disable=unused-import
-    LOG2, discretized_gaussian_log_likelihood, normal_kl, vb_terms_bpd)
 
 Array = jax.Array
 ModelFn = Callable[[Array, Array], Array]
@@ -55,8 +50,8 @@ def mean_target(diffusion: Diffusion, x_start: Array, x_t: Array, t: Array, nois
   return diffusion_lib.velocity(diffusion, x_start, t, noise)
 
 
-def training_losses(diffusion: Diffusion, model_fn: ModelFn, x_start: Array, t: Array, noise: Array,
-                    weights: Optional[Array] = None) -> Dict[str, Array]:
+def training_losses(diffusion: Diffusion, model_fn: ModelFn, x_start: Array, t: Array,
+                    noise: Array) -> Dict[str, Array]:
   """Per-example training losses at timesteps t for `diffusion.loss_type` (see the module docstring).
 
   Args:
@@ -64,11 +59,10 @@ def training_losses(diffusion: Diffusion, model_fn: ModelFn, x_start: Array, t: 
     x_start: (B, ..., C) data in [-1, 1].
     t: (B,) int timestep indices.
     noise: standard normal noise of x_start's shape (eps of Algorithm 1).
-    weights: (B,) importance weights 1 / (T p_t) from `sample_timesteps` (None = ones).
 
   Returns:
-    dict of (B,) arrays: 'loss' (unweighted; feed it to `update_timestep_sampler`), 'weighted_loss' (loss *
-    weights; minimise its mean), 'mse' (L_simple term), 'l1' (mean absolute error on the same target), 'huber'
+    dict of (B,) arrays: 'loss' (unweighted: feed it to `update_timestep_sampler`, and minimise its mean weighted
+    by `sample_timesteps`' importance weights 1 / (T p_t)), 'mse' (L_simple term), 'l1' (mean absolute error on the same target), 'huber'
     (mean Huber loss, delta 1, on the same target), 'vb' (the bound term L_{t-1} in bits/dim, unscaled; zeros
     when the loss does not need it).
   """
@@ -90,7 +84,7 @@ def training_losses(diffusion: Diffusion, model_fn: ModelFn, x_start: Array, t: 
       # Nichol & Dhariwal 2021, Sec. 3.1: the bound only guides the variance; L_simple is the mean's objective.
       frozen_mean = jax.lax.stop_gradient(mean_output)
       vb_output = frozen_mean if var_output is None else jnp.concatenate([frozen_mean, var_output], axis=-1)
-    vb = vb_terms_bpd(diffusion, vb_output, x_start, x_t, t, clip_denoised=False)['output']
+    vb = likelihood.vb_terms_bpd(diffusion, vb_output, x_start, x_t, t, clip_denoised=False)['output']
   else:
     vb = jnp.zeros_like(mse)
 
@@ -106,8 +100,7 @@ def training_losses(diffusion: Diffusion, model_fn: ModelFn, x_start: Array, t: 
   else:  # mse, l1, huber
     simple = {'mse': mse, 'l1': l1, 'huber': huber}[loss_type]
     loss = simple + vb if diffusion.learns_variance else simple
-  weighted_loss = loss if weights is None else loss * weights.astype(loss.dtype)
-  return dict(loss=loss, weighted_loss=weighted_loss, mse=mse, l1=l1, huber=huber, vb=vb)
+  return dict(loss=loss, mse=mse, l1=l1, huber=huber, vb=vb)
 
 
 # --------------------------------------------------------------------------------------- timestep sampling

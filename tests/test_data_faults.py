@@ -19,6 +19,7 @@ from configs import test as test_config
 from ddpm_jax import input_pipeline
 from ddpm_jax.config_validation import UserError
 from ddpm_jax.data import sources
+from tests import fake_datasets
 
 SIDE = 16
 
@@ -119,7 +120,7 @@ def test_skip_bad_images_replaces_by_the_next_readable_file_and_counts(tmp_path,
 def cifar10_dir(tmp_path_factory):
   """A real prepared TFDS cifar10 (16 train, 8 test images): its split metadata is what the checks read."""
   data_dir = str(tmp_path_factory.mktemp('tfds'))
-  sources.prepare_fake_cifar10(data_dir, num_train=16, num_test=8)
+  fake_datasets.prepare_fake_cifar10(data_dir, num_train=16, num_test=8)
   return data_dir
 
 

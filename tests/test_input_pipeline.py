@@ -105,7 +105,8 @@ sys.meta_path[:] = [_NoTensorFlow if f is importlib.machinery.PathFinder else f 
 sys.path.insert(0, sys.argv[1])
 from configs import default
 from ddpm_jax import input_pipeline
-input_pipeline.prepare_fake_cifar10(sys.argv[2], num_train=40, num_test=13)
+from tests import fake_datasets
+fake_datasets.prepare_fake_cifar10(sys.argv[2], num_train=40, num_test=13)
 config = default.get_config()
 config.data.data_dir, config.training.batch_size = sys.argv[2], 8
 batches = [next(it) for it in [input_pipeline.create_train_iterator(config, process_index=0, process_count=1)]

@@ -55,8 +55,8 @@ def test_normal_kl_matches_reference_and_vanishes_for_equal_gaussians(x64):
   m1, lv1, m2, lv2 = (rs.randn(50) for _ in range(4))
   with jax.enable_x64(x64):
     dtype = jnp.float64 if x64 else jnp.float32
-    got = losses.normal_kl(*(jnp.asarray(a, dtype) for a in (m1, lv1, m2, lv2)))
-    same = losses.normal_kl(*(jnp.asarray(a, dtype) for a in (m1, lv1, m1, lv1)))
+    got = likelihood.normal_kl(*(jnp.asarray(a, dtype) for a in (m1, lv1, m2, lv2)))
+    same = likelihood.normal_kl(*(jnp.asarray(a, dtype) for a in (m1, lv1, m1, lv1)))
   assert ref.rel_err(got, ref.normal_kl(m1, lv1, m2, lv2)) <= (1e-6 if x64 else 1e-5)
   np.testing.assert_array_equal(np.asarray(same), 0.0)
   assert np.all(np.asarray(got) >= 0)
@@ -79,7 +79,7 @@ def test_discretized_gaussian_matches_reference_and_bins_sum_to_one(x64):
              (all_x, np.broadcast_to(grid_means, all_x.shape), np.broadcast_to(grid_scales, all_x.shape)),
              ([1.0, -1.0, 0.0], [-1.0, 1.0, 0.9], np.log([1e-3, 1e-3, 1e-3]))]
     flat = [np.concatenate([np.ravel(c[i]) for c in cases]) for i in range(3)]
-    values = np.asarray(jax.jit(losses.discretized_gaussian_log_likelihood)(
+    values = np.asarray(jax.jit(likelihood.discretized_gaussian_log_likelihood)(
         *(jnp.asarray(a, dtype) for a in flat)))
     got, all_bins, far_tail = values[:x.size], values[x.size:-3].reshape(all_x.shape), values[-3:]
   assert ref.rel_err(got, ref.decoder_log_prob(x, means, log_scales)) <= (1e-6 if x64 else 1e-5)
