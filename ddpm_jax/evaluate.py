@@ -31,7 +31,6 @@ import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from absl import logging
-from clu import metric_writers
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -49,6 +48,7 @@ from ddpm_jax import models
 from ddpm_jax import samplers
 from ddpm_jax import sampling
 from ddpm_jax import sharding
+from ddpm_jax import tensorboard_writer
 from ddpm_jax import train_state as train_state_lib
 from ddpm_jax.evaluation import metrics
 
@@ -621,9 +621,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, inception: Any 
   if cfg.bpd:
     scalars['eval/bpd_prior'] = results['bpd_terms']['prior']
     scalars['eval/bpd_decoder'] = results['bpd_terms']['decoder']
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  writer.write_scalars(step, scalars)
-  writer.flush()
+  with tensorboard_writer.create_writer(workdir, enabled=jax.process_index() == 0) as writer:
+    writer.write_scalars(step, scalars)
   progress.clear()
   logging.info('Evaluation of step %d written to %s: %s', step, path, scalars)
   return results

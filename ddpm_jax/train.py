@@ -6,6 +6,7 @@ metric writers (TensorBoard + stdout, process 0 only) and draws EMA sample grids
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -13,7 +14,6 @@ import time
 from typing import Any, Optional
 
 from absl import logging
-from clu import metric_writers
 import flax
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ from ddpm_jax import input_pipeline
 from ddpm_jax import models
 from ddpm_jax import sampling
 from ddpm_jax import sharding
+from ddpm_jax import tensorboard_writer
 from ddpm_jax import train_state as train_state_lib
 from ddpm_jax import workdir_lock
 from ddpm_jax.data import sources
@@ -239,7 +240,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> train_state_lib.T
   _log_run(config, workdir, num_params, restored_step)
 
   is_chief = jax.process_index() == 0
-  writer = metric_writers.SummaryWriter(workdir) if is_chief else metric_writers.MultiWriter([])
+  writer = tensorboard_writer.create_writer(workdir, enabled=is_chief)
   if step == 0:
     writer.write_hparams({'num_params': num_params, **{k: str(v) for k, v in _flat(config).items()}})
 
@@ -283,7 +284,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> train_state_lib.T
   compiled = False
   logging.info('Compiling the train step (%d step%s per call)...', k, 's' if k > 1 else '')
   try:
-    with _PreemptionFlag() as preemption, metric_writers.ensure_flushes(writer):
+    with _PreemptionFlag() as preemption, contextlib.closing(writer):
       while step < tc.num_steps:
         if preemption.requested:
           logging.warning('SIGTERM: stopping at step %d.', step)
