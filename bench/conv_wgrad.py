@@ -6,7 +6,7 @@ Times, for one NHWC 3x3 stride-1 'same' convolution of the U-Net's most common s
 128 -> 128 channels, 4.8 GFLOP per pass):
   * forward (`lax.conv_general_dilated`);
   * input gradient and weight gradient as JAX's autodiff emits them (two convolutions);
-  * the weight gradient as `models/conv.py` computes it (`config.model.conv_wgrad='gemm'`: 9 GEMMs);
+  * the weight gradient as the U-Net computes it on this platform (`models/ops.py`: 9 GEMMs on the CPU);
   * with --torch, the same three passes in PyTorch (oneDNN), at torch.set_num_threads(os.cpu_count()).
 Median of --steps calls after 2 warm-up calls, each blocking on its result. Set XLA_FLAGS to try XLA:CPU options
 (e.g. --xla_cpu_use_onednn=true). The LAST line of stdout is one JSON object.
@@ -41,10 +41,10 @@ def _median_ms(fn, steps: int) -> float:
 
 
 def time_jax(b: int, side: int, c_in: int, c_out: int, steps: int) -> dict[str, float]:
-  """ms per call of the forward, input gradient, autodiff weight gradient and GEMM weight gradient."""
+  """ms per call of the forward, input gradient, autodiff weight gradient and the U-Net's (ops') weight gradient."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax import lax  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.models import conv as conv_lib  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.models import ops  # pylint: disable=g-import-not-at-top
 
   kx, kw, kg = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (b, side, side, c_in))
@@ -55,14 +55,14 @@ def time_jax(b: int, side: int, c_in: int, c_out: int, steps: int) -> dict[str, 
   def conv(x, w):
     return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
 
-  def gemm_conv(x, w):
-    return conv_lib.conv3x3_same(x, w, (1, 1), ((1, 1), (1, 1)),
-                                 dimension_numbers=lax.conv_dimension_numbers(x.shape, w.shape, dn))
+  def ops_conv(x, w):
+    return ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                    dimension_numbers=lax.conv_dimension_numbers(x.shape, w.shape, dn))
 
   fwd = jax.jit(conv)
   dgrad = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
   wgrad = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
-  wgrad_gemm = jax.jit(lambda x, w, g: jax.vjp(lambda w: gemm_conv(x, w), w)[1](g)[0])
+  wgrad_gemm = jax.jit(lambda x, w, g: jax.vjp(lambda w: ops_conv(x, w), w)[1](g)[0])
   err = float(jax.numpy.linalg.norm(wgrad_gemm(x, w, g) - wgrad(x, w, g)) / jax.numpy.linalg.norm(wgrad(x, w, g)))
   run = lambda f, *a: _median_ms(lambda: jax.block_until_ready(f(*a)), steps)  # noqa: E731
   return {'forward_ms': run(fwd, x, w), 'input_grad_ms': run(dgrad, x, w, g),

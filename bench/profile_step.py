@@ -6,7 +6,7 @@ Runs `train.Trainer(config).step` (the same program as bench/throughput.py) unde
 every op the XLA runtime executed (the trace's thunk events) back to its instruction in the compiled HLO and sums
 the wall time per category:
   * conv: convolutions (on XLA:CPU the 3x3 forward and input-gradient convolutions, YNNPACK or Eigen kernels);
-  * GEMM: matrix products (attention, 1x1 projections, and the GEMM weight gradients of models/conv.py);
+  * GEMM: matrix products (attention, 1x1 projections, and the CPU's GEMM weight gradients of models/ops.py);
   * elementwise: XLA's loop fusions and library elementwise kernels (GroupNorm, swish, Adam, EMA, losses);
   * layout: transposes, copies, pads, slices, concatenations (fusions whose root only moves data);
   * RNG: random-bit generation (dropout masks, noise, timesteps);

@@ -11,9 +11,9 @@ What is timed is the library's own code, not a re-implementation:
   * forward: `model.apply(params, x_t, t, train=False)` jitted at the same batch (what every sampler step runs).
 Each is warmed up, then run `--steps` times; the figure is the MEDIAN time of one call (blocking on the result).
 `compile_s` is the ahead-of-time lower + compile of the train step; `flops_per_train_step` comes from XLA's cost
-analysis of the step (per device; with the CPU's GEMM weight gradients, of the same step with autodiff's, since the
-cost analysis counts a loop body once). `mfu` is given where the peak of the device is known (table below or
---peak_tflops).
+analysis of the step (per device; on the CPU, of the same step lowered for a GPU, whose weight gradients are autodiff's
+convolutions: the cost analysis counts the CPU's loop of GEMMs once). `mfu` is given where the peak of the device is
+known (table below or --peak_tflops).
 
 The human-readable table goes first; the LAST line of stdout is one JSON object.
 """
@@ -136,19 +136,13 @@ def cost_flops(compiled) -> Optional[float]:
   return float(cost['flops'])
 
 
-def autodiff_wgrad_flops(trainer, config, device_batches) -> Optional[float]:
-  """FLOPs of the train step from XLA's cost analysis of the same step with autodiff's conv weight gradient.
+def accelerator_lowering_flops(step, *args) -> Optional[float]:
+  """FLOPs of a jitted step from XLA's cost analysis of its lowering for a GPU, here, without compiling it.
 
-  The GEMM weight gradient (`models/conv.py`) loops over the 9 kernel offsets, and XLA's cost analysis counts a loop
-  body once; the arithmetic is the same as autodiff's, so its step is lowered (not compiled) and counted instead.
+  On the CPU the 3x3 weight gradients are loops of 9 GEMMs (`models/ops.py`), and XLA's cost analysis counts a loop
+  body once; lowered for a GPU the same step computes them as autodiff's convolutions, with the same arithmetic.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import models  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import train_state  # pylint: disable=g-import-not-at-top
-  config = config.copy_and_resolve_references()
-  config.model.conv_wgrad = 'xla'
-  step_fn = train_state.make_step_fn(models.create_model(config), trainer.diffusion, trainer.optimizer, config)
-  return cost_flops(jax.jit(step_fn).lower(trainer.state, device_batches))
+  return cost_flops(step.trace(*args).lower(lowering_platforms=('cuda',)))
 
 
 def config_and_batch_size(argv, default_batch_size: Callable[[Any], int]):
@@ -221,8 +215,10 @@ def benchmark(config, batch_size: int, steps: int, warmup: int, do_train: bool =
     t0 = time.perf_counter()
     compiled = lowered.compile()
     res['compile_s'] = res['lower_s'] + time.perf_counter() - t0
-    flops = (autodiff_wgrad_flops(trainer, config, device_batches) if models.uses_gemm_wgrad(config)
-             else cost_flops(compiled))
+    flops = cost_flops(compiled)
+    if jax.default_backend() == 'cpu':
+      step = trainer._step  # pylint: disable=protected-access
+      flops = accelerator_lowering_flops(step, trainer.state, device_batches)
     # The scan body over steps_per_call is counted once by XLA's cost analysis when the trip count is unknown to
     # it; per-step FLOPs are the k = 1 program's, so report those only when k == 1 (use k = 1 for FLOPs/MFU).
     res['flops_per_train_step'] = flops if k == 1 else None
@@ -327,8 +323,6 @@ def breakdown(config, batch_size: int, steps: int, warmup: int) -> list[tuple[st
   for s in shapes:
     counts[s] = counts.get(s, 0) + 1
 
-  wg = model.gemm_wgrad  # the weight gradients the Trainer's step computes
-
   class Sub(nn.Module):
     """One sub-block, or one part of a ResNet block, as the U-Net builds it."""
     kind: str
@@ -337,25 +331,23 @@ def breakdown(config, batch_size: int, steps: int, warmup: int) -> list[tuple[st
     @nn.compact
     def __call__(self, x, temb):
       if self.kind == 'resnet':
-        return unet.ResnetBlock(out_ch=self.c_out, dropout=model.dropout, deterministic=False, dtype=dt,
-                                gemm_wgrad=wg)(x, temb)
+        return unet.ResnetBlock(out_ch=self.c_out, dropout=model.dropout, deterministic=False, dtype=dt)(x, temb)
       if self.kind == 'attn':
-        return unet.AttnBlock(dtype=dt, gemm_wgrad=wg)(x)
+        return unet.AttnBlock(dtype=dt)(x)
       if self.kind == 'groupnorm+swish':
         return nn.swish(unet._group_norm(x.shape[-1], dt, 'gn')(x))  # pylint: disable=protected-access
       if self.kind == 'conv3x3':
-        return unet._conv3x3(self.c_out, dt, 'conv', gemm_wgrad=wg)(x)  # pylint: disable=protected-access
+        return unet._conv3x3(self.c_out, dt, 'conv')(x)  # pylint: disable=protected-access
       if self.kind == 'downsample conv':
         same_tf = ((0, 1), (0, 1))  # TF 'SAME' for a stride-2 3x3 conv, as the U-Net
-        return unet._conv3x3(self.c_out, dt, 'conv', stride=2, padding=same_tf,  # pylint: disable=protected-access
-                             gemm_wgrad=wg)(x)
+        return unet._conv3x3(self.c_out, dt, 'conv', stride=2, padding=same_tf)(x)  # pylint: disable=protected-access
       if self.kind == 'upsample conv':
-        return unet._conv3x3(self.c_out, dt, 'conv', gemm_wgrad=wg)(x)  # pylint: disable=protected-access
+        return unet._conv3x3(self.c_out, dt, 'conv')(x)  # pylint: disable=protected-access
       if self.kind == 'conv_in 3x3':
-        return unet._conv3x3(self.c_out, dt, 'conv', gemm_wgrad=wg)(x)  # pylint: disable=protected-access
+        return unet._conv3x3(self.c_out, dt, 'conv')(x)  # pylint: disable=protected-access
       if self.kind == 'norm_out+conv_out':
         h = nn.swish(unet._group_norm(x.shape[-1], dt, 'gn')(x))  # pylint: disable=protected-access
-        return unet._conv3x3(self.c_out, dt, 'conv', gemm_wgrad=wg)(h)  # pylint: disable=protected-access
+        return unet._conv3x3(self.c_out, dt, 'conv')(h)  # pylint: disable=protected-access
       raise ValueError(self.kind)
 
   rows = []

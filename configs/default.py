@@ -65,10 +65,6 @@ def get_config() -> ml_collections.ConfigDict:
   model.dtype = 'float32'
   # Gradient checkpointing of every ResNet/attention block (saves memory, costs ~30% compute).
   model.remat = False
-  # How the weight gradients of the 3x3 convolutions and 1x1 projections are computed: 'xla' (what JAX's autodiff
-  # emits), 'gemm' (explicit matrix products, models/conv.py: the 3x3 one ~2.5x faster on XLA:CPU at 128 channels)
-  # or 'auto' ('gemm' on a CPU backend, 'xla' on GPU/TPU). Parameters and results are the same either way.
-  model.conv_wgrad = 'auto'
   # Number of classes for a class-conditional model (0 = unconditional). Label `num_classes` is the null class
   # used for classifier-free guidance.
   model.num_classes = 0

@@ -21,7 +21,6 @@ LOSS_TYPES = ('mse', 'kl', 'hybrid', 'rescaled_mse', 'rescaled_kl', 'l1', 'huber
 T_SAMPLING = ('uniform', 'importance')
 PARALLELISM = ('jit', 'pmap')
 DTYPES = ('float32', 'bfloat16')
-CONV_WGRAD = ('auto', 'xla', 'gemm')
 SAMPLE_METHODS = ('ancestral', 'ddim')
 GROUPNORM_GROUPS = 32
 
@@ -90,7 +89,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   _positive_int(config, 'model.num_res_blocks')
   _in_range(config, 'model.dropout', 0.0, 1.0)
   _one_of(config, 'model.dtype', DTYPES)
-  _one_of(config, 'model.conv_wgrad', CONV_WGRAD)
   num_classes = config.model.num_classes
   _require(isinstance(num_classes, int) and num_classes >= 0, 'model.num_classes', num_classes,
            'must be 0 (unconditional) or the number of classes')

@@ -11,7 +11,7 @@ import ml_collections
 from ddpm_jax.models.unet import AttnBlock, ResnetBlock, UNet, get_timestep_embedding
 
 __all__ = ['UNet', 'ResnetBlock', 'AttnBlock', 'get_timestep_embedding', 'create_model', 'uses_learned_variance',
-           'model_image_size', 'uses_gemm_wgrad', 'init_params', 'param_shapes', 'count_params']
+           'model_image_size', 'init_params', 'param_shapes', 'count_params']
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _LEARNED_VAR_TYPES = ('learned', 'learned_range')
@@ -23,14 +23,6 @@ def uses_learned_variance(config: ml_collections.ConfigDict) -> bool:
   if learned is None:
     return config.diffusion.var_type in _LEARNED_VAR_TYPES
   return bool(learned)
-
-
-def uses_gemm_wgrad(config: ml_collections.ConfigDict) -> bool:
-  """`config.model.conv_wgrad`: 'gemm', 'xla', or 'auto' (= 'gemm' when JAX's default backend is the CPU)."""
-  choice = config.model.get('conv_wgrad', 'auto')
-  if choice == 'auto':
-    return jax.default_backend() == 'cpu'
-  return choice == 'gemm'
 
 
 def model_image_size(config: ml_collections.ConfigDict) -> int:
@@ -63,7 +55,6 @@ def create_model(config: ml_collections.ConfigDict) -> nn.Module:
       num_classes=int(m.get('num_classes', 0) or 0),
       dtype=_DTYPES[m.dtype],
       remat=bool(m.get('remat', False)),
-      gemm_wgrad=uses_gemm_wgrad(config),
   )
 
 

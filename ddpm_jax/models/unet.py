@@ -9,7 +9,8 @@ computes for the converted DDPM checkpoints (`ddpm_jax.convert`): `flip_sin_to_c
 attention scale C^-1/2.
 
 Layout: NHWC everywhere (`nn.Conv`), 1x1 convolutions and attention projections as `nn.Dense` over the channel axis
-(a plain matmul), attention with two einsums over the flattened H*W axis.
+(a plain matmul), attention with two einsums over the flattened H*W axis. The convolutions and projections take
+their ops from `models/ops.py`, which picks the weight-gradient kernel per platform when the program is lowered.
 """
 
 from typing import Any, Optional, Sequence
@@ -19,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.models import conv as conv_lib
 from ddpm_jax.models import group_norm
+from ddpm_jax.models import ops
 
 Dtype = Any
 
@@ -78,18 +79,16 @@ def _group_norm(channels: int, dtype: Dtype, name: str) -> group_norm.GroupNorm:
                               dtype=dtype, name=name)
 
 
-def _dense(features: int, dtype: Dtype, name: str, kernel_init: nn.initializers.Initializer,
-           gemm_wgrad: bool) -> nn.Dense:
-  # A 1x1 convolution over the channel axis; gemm_wgrad only changes how its weight gradient is computed.
-  return nn.Dense(features, kernel_init=kernel_init, dtype=dtype, name=name,
-                  dot_general=conv_lib.dense_dot_general if gemm_wgrad else None)
+def _dense(features: int, dtype: Dtype, name: str, kernel_init: nn.initializers.Initializer) -> nn.Dense:
+  # A 1x1 convolution over the channel axis (ops: its weight gradient is computed by the platform's best kernel).
+  return nn.Dense(features, kernel_init=kernel_init, dtype=dtype, name=name, dot_general=ops.dot_general)
 
 
 def _conv3x3(features: int, dtype: Dtype, name: str, init_scale: float = 1.0, stride: int = 1,
-             padding=((1, 1), (1, 1)), gemm_wgrad: bool = False) -> nn.Conv:
-  # gemm_wgrad only changes how the weight gradient is computed (models/conv.py), never the parameters.
+             padding=((1, 1), (1, 1))) -> nn.Conv:
+  # ops only changes how the weight gradient is computed (per platform), never the parameters or the forward.
   return nn.Conv(features, (3, 3), strides=(stride, stride), padding=padding, kernel_init=default_init(init_scale),
-                 dtype=dtype, name=name, conv_general_dilated=conv_lib.conv3x3_same if gemm_wgrad else None)
+                 dtype=dtype, name=name, conv_general_dilated=ops.conv_general_dilated)
 
 
 class ResnetBlock(nn.Module):
@@ -102,22 +101,21 @@ class ResnetBlock(nn.Module):
   dropout: float
   deterministic: bool
   dtype: Dtype = jnp.float32
-  gemm_wgrad: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, temb_act: jax.Array) -> jax.Array:
     c_in = x.shape[-1]
     h = nn.swish(_group_norm(c_in, self.dtype, 'norm1')(x))
-    h = _conv3x3(self.out_ch, self.dtype, 'conv1', gemm_wgrad=self.gemm_wgrad)(h)
+    h = _conv3x3(self.out_ch, self.dtype, 'conv1')(h)
     # Add in the timestep embedding, broadcast over H, W.
     h = h + nn.Dense(self.out_ch, kernel_init=default_init(), dtype=self.dtype, name='temb_proj')(temb_act)[
         :, None, None, :]
     h = nn.swish(_group_norm(self.out_ch, self.dtype, 'norm2')(h))
     if self.dropout > 0:
       h = nn.Dropout(rate=self.dropout, deterministic=self.deterministic)(h)
-    h = _conv3x3(self.out_ch, self.dtype, 'conv2', init_scale=0.0, gemm_wgrad=self.gemm_wgrad)(h)
+    h = _conv3x3(self.out_ch, self.dtype, 'conv2', init_scale=0.0)(h)
     if c_in != self.out_ch:
-      x = _dense(self.out_ch, self.dtype, 'nin_shortcut', default_init(), self.gemm_wgrad)(x)
+      x = _dense(self.out_ch, self.dtype, 'nin_shortcut', default_init())(x)
     return x + h
 
 
@@ -127,13 +125,12 @@ class AttnBlock(nn.Module):
   q, k, v come from one fused (C, 3C) projection (one matmul instead of three); the output projection is zero-init.
   """
   dtype: Dtype = jnp.float32
-  gemm_wgrad: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, hgt, wid, c = x.shape
     h = _group_norm(c, self.dtype, 'norm')(x)
-    qkv = _dense(3 * c, self.dtype, 'qkv', _qkv_init, self.gemm_wgrad)(h)
+    qkv = _dense(3 * c, self.dtype, 'qkv', _qkv_init)(h)
     qkv = qkv.reshape(b, hgt * wid, 3 * c)   # merges contiguous axes: no data movement
     q, k, v = qkv[..., :c], qkv[..., c:2 * c], qkv[..., 2 * c:]
     # Scaling q (HW*C values) is cheaper than scaling the (HW, HW) logits.
@@ -141,7 +138,7 @@ class AttnBlock(nn.Module):
     # Softmax in float32 also for bf16 activations (as diffusers' upcast_softmax).
     w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(v.dtype)
     h = jnp.einsum('bij,bjc->bic', w, v).reshape(b, hgt, wid, c)
-    h = _dense(c, self.dtype, 'proj_out', default_init(0.0), self.gemm_wgrad)(h)
+    h = _dense(c, self.dtype, 'proj_out', default_init(0.0))(h)
     return x + h
 
 
@@ -175,8 +172,6 @@ class UNet(nn.Module):
       row num_classes being the null label of classifier-free guidance.
     dtype: compute dtype of the activations; parameters stay float32 and the output is float32.
     remat: rematerialise (gradient-checkpoint) every ResNet and attention block in the backward pass.
-    gemm_wgrad: compute the weight gradients of the 3x3 stride-1 convolutions and of the 1x1 projections on
-      (B, H, W, C) activations with the GEMMs of models/conv.py (faster on XLA:CPU; same parameters and outputs).
   """
   ch: int
   out_ch: int
@@ -190,7 +185,6 @@ class UNet(nn.Module):
   num_classes: int = 0
   dtype: Dtype = jnp.float32
   remat: bool = False
-  gemm_wgrad: bool = False
 
   def _check_inputs(self, x: jax.Array, t: jax.Array, y: Optional[jax.Array]) -> None:
     if x.ndim != 4 or x.shape[1:] != (self.image_size, self.image_size, self.in_ch):
@@ -228,11 +222,10 @@ class UNet(nn.Module):
     attn_cls = nn.remat(AttnBlock) if self.remat else AttnBlock
 
     def resnet(h, out_ch, name):
-      return resnet_cls(out_ch=out_ch, dropout=self.dropout, deterministic=not train, dtype=dt,
-                        gemm_wgrad=self.gemm_wgrad, name=name)(h, temb)
+      return resnet_cls(out_ch=out_ch, dropout=self.dropout, deterministic=not train, dtype=dt, name=name)(h, temb)
 
     def attn(h, name):
-      return attn_cls(dtype=dt, gemm_wgrad=self.gemm_wgrad, name=name)(h)
+      return attn_cls(dtype=dt, name=name)(h)
 
     # Timestep embedding: sinusoids -> Dense(4ch) -> swish -> Dense(4ch).
     temb = get_timestep_embedding(t, self.ch)
@@ -245,7 +238,7 @@ class UNet(nn.Module):
     temb = nn.swish(temb)
 
     # Downsampling.
-    hs = [_conv3x3(self.ch, dt, 'conv_in', gemm_wgrad=self.gemm_wgrad)(x)]
+    hs = [_conv3x3(self.ch, dt, 'conv_in')(x)]
     for i_level in range(num_levels):
       resolution = self.image_size // 2 ** i_level
       for i_block in range(self.num_res_blocks):
@@ -278,10 +271,10 @@ class UNet(nn.Module):
       if i_level != 0:
         h = _upsample_nearest(h)
         if self.resamp_with_conv:
-          h = _conv3x3(h.shape[-1], dt, f'up_{i_level}_upsample', gemm_wgrad=self.gemm_wgrad)(h)
+          h = _conv3x3(h.shape[-1], dt, f'up_{i_level}_upsample')(h)
     assert not hs
 
     # End.
     h = nn.swish(_group_norm(h.shape[-1], dt, 'norm_out')(h))
-    h = _conv3x3(self.out_ch, dt, 'conv_out', init_scale=0.0, gemm_wgrad=self.gemm_wgrad)(h)
+    h = _conv3x3(self.out_ch, dt, 'conv_out', init_scale=0.0)(h)
     return h.astype(jnp.float32)
