@@ -1,7 +1,7 @@
 """Checkpoints: one orbax `CheckpointManager` per workdir, for training and for inference.
 
 Layout: `<workdir>/checkpoints/<step>/` with the items
-  `state`  the train state as a pytree (step, params, ema_params, opt_state, rng key data, ...), or for an
+  `state`  the train state as a pytree (step, params, ema_params, opt_state, t_sampler), or for an
            inference-only checkpoint (e.g. converted released weights) just {step, params, ema_params};
   `data`   the grain training-iterator state (absent from inference-only checkpoints).
 Orbax writes each step to a temporary directory and renames it when complete, so a run killed mid-save never
@@ -49,28 +49,15 @@ def create_manager(workdir: str, keep: Optional[int] = None, *, read_only: bool 
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
 
 
-def to_saveable(tree: Any) -> Any:
-  """Replaces typed PRNG keys by their raw uint32 data (orbax stores plain arrays)."""
-  def convert(x):
-    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      return jax.random.key_data(x)
-    return x
-  return jax.tree.map(convert, tree)
-
-
-def from_saveable(tree: Any, like: Any) -> Any:
-  """Inverse of `to_saveable`: re-wraps key data wherever `like` holds a typed key."""
-  def convert(x, ref):
-    if isinstance(ref, jax.Array) and jax.dtypes.issubdtype(ref.dtype, jax.dtypes.prng_key):
-      return jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref))
-    return x
-  return jax.tree.map(convert, tree, like)
+# A top-level state entry of checkpoints written before the train key left the state (it is derived from the
+# seed and the step now). Such checkpoints still resume: the entry is not read.
+LEGACY_STATE_KEYS = ('rng',)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_save_args: Any = None,
          *, force: bool = False) -> bool:
   """Saves `state` (and the data iterator, when given) at `step`; asynchronous, call `wait` before exiting."""
-  items = {STATE_ITEM: ocp.args.StandardSave(to_saveable(state))}
+  items = {STATE_ITEM: ocp.args.StandardSave(state)}
   if data_save_args is not None:
     items[DATA_ITEM] = data_save_args
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -125,8 +112,9 @@ def _shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
   return {_path_key(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
-def _state_mismatch(reader: ocp.CheckpointManager, step: int, abstract: Any) -> Optional[str]:
-  """How the stored state of `step` differs in structure or shapes from `abstract` (None: it fits).
+def _state_mismatch(reader: ocp.CheckpointManager, step: int, abstract: Any) -> tuple[Optional[str], bool]:
+  """(How the stored state of `step` differs in structure or shapes from `abstract` (None: it fits), whether it has
+  `LEGACY_STATE_KEYS` to leave unread).
 
   Reads metadata only. Raises (any exception) when the metadata itself cannot be read: that is corruption, not a
   mismatch. A mismatch means the run was resumed with another config (architecture, optimizer, t sampling), which
@@ -136,15 +124,16 @@ def _state_mismatch(reader: ocp.CheckpointManager, step: int, abstract: Any) -> 
   if metadata is None:
     raise ValueError('the state item has no metadata')
   stored, wanted = _shapes(metadata), _shapes(abstract)
-  for key in sorted(set(stored) | set(wanted)):
+  legacy = {key for key in stored if key[0] in LEGACY_STATE_KEYS and key not in wanted}
+  for key in sorted((set(stored) - legacy) | set(wanted)):
     name = '/'.join(key)
     if key not in stored:
-      return f'{name} is not in the checkpoint'
+      return f'{name} is not in the checkpoint', False
     if key not in wanted:
-      return f'the checkpoint has {name}, which this config does not'
+      return f'the checkpoint has {name}, which this config does not', False
     if stored[key] != wanted[key]:
-      return f'{name} has shape {stored[key]} in the checkpoint and {wanted[key]} with this config'
-  return None
+      return f'{name} has shape {stored[key]} in the checkpoint and {wanted[key]} with this config', False
+  return None, bool(legacy)
 
 
 def restore_latest(workdir: str, keep: Optional[int], target_state: Any,
@@ -158,8 +147,8 @@ def restore_latest(workdir: str, keep: Optional[int], target_state: Any,
 
   Returns (manager, step, state), or (manager, None, target_state) when no readable checkpoint exists.
   """
-  target = to_saveable(target_state)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+  _ignore_closed_event_loop_reports()  # before reading: the reports can come before the failure is raised
   manager = create_manager(workdir, keep)
   reader = create_manager(workdir, read_only=True) if manager.all_steps() else None  # metadata without a target
   moved = False
@@ -169,11 +158,17 @@ def restore_latest(workdir: str, keep: Optional[int], target_state: Any,
       if data_restore_args_fn is not None:
         items[DATA_ITEM] = data_restore_args_fn()
       try:
-        mismatch = _state_mismatch(reader, step, abstract)
-        if mismatch is None:
+        mismatch, legacy = _state_mismatch(reader, step, abstract)
+        if mismatch is None and legacy:
+          # Partial restore needs the PyTree handler; `manager` keeps the Standard one for its saves.
+          restored = reader.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.PyTreeRestore(
+              item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+              partial_restore=True)}))
+          if DATA_ITEM in items:
+            restored = {**restored, **manager.restore(step, args=ocp.args.Composite(**{DATA_ITEM: items[DATA_ITEM]}))}
+        elif mismatch is None:
           restored = manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # pylint: disable=broad-except  (any failure to read means: not this step)
-        _ignore_closed_event_loop_reports()
         if jax.process_index() == 0:
           move_aside(workdir, step, _reason(e))
         moved = True
@@ -183,7 +178,7 @@ def restore_latest(workdir: str, keep: Optional[int], target_state: Any,
             f'the checkpoint at step {step} in {checkpoint_dir(workdir)} was written with another config: '
             f'{mismatch}. Resume with the config this run was started with ({os.path.join(workdir, "config.json")}'
             ' and the same overrides), or use a new --workdir')
-      return _reopen(manager, workdir, keep, moved), step, from_saveable(restored[STATE_ITEM], target_state)
+      return _reopen(manager, workdir, keep, moved), step, restored[STATE_ITEM]
     return _reopen(manager, workdir, keep, moved), None, target_state
   except BaseException:
     manager.close()

@@ -23,9 +23,9 @@ from ddpm_jax import console
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import images as images_lib
 from ddpm_jax import models
+from ddpm_jax import random_streams
 from ddpm_jax import samplers
 from ddpm_jax import sharding
-from ddpm_jax import train_state as train_state_lib
 
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -117,7 +117,7 @@ def sample_and_export(config: ml_collections.ConfigDict, workdir: str) -> str:
   batch = config.sample.batch_size
   sample_fn = make_sample_fn(config, model, diffusion, mesh, batch)
   labels_all = sample_labels(config, config.sample.num_samples)
-  base_rng = train_state_lib.random_streams(config.seed)['sample']
+  base_rng = random_streams.stream(config.seed, 'sample')
 
   out_dir = os.path.join(workdir, 'samples', f'step_{step}')
   chunks, num_batches = [], -(-config.sample.num_samples // batch)

@@ -28,6 +28,7 @@ from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import images as images_lib
 from ddpm_jax import input_pipeline
 from ddpm_jax import models
+from ddpm_jax import random_streams
 from ddpm_jax import sampling
 from ddpm_jax import sharding
 from ddpm_jax import tensorboard_writer
@@ -69,7 +70,8 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 class Trainer:
-  """Builds the model, state, compiled step and checkpoint manager for one run."""
+  """Builds the model, state and compiled step of one run: the step of `train_state` jitted over the mesh, or
+  under `parallelism='pmap'` the same step mapped over the local devices (state replicated per device)."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.config = config
@@ -79,10 +81,10 @@ class Trainer:
     self.model = models.create_model(config)
     self.diffusion = diffusion_lib.from_config(config.diffusion)
     self.optimizer = train_state_lib.create_optimizer(config)
-    self.streams = train_state_lib.random_streams(config.seed)
     self.state = self._initial_state()
-    step_fn = train_state_lib.make_step_fn(self.model, self.diffusion, self.optimizer, config,
-                                           axis_name=PMAP_AXIS if self.pmap else None)
+    step_fn = train_state_lib.make_step_fn(
+        self.model, self.diffusion, self.optimizer, config, random_streams.stream(config.seed, 'train'),
+        axis_name=PMAP_AXIS if self.pmap else None, unroll=jax.default_backend() == 'cpu')
     if self.pmap:
       self._step = jax.pmap(step_fn, axis_name=PMAP_AXIS, donate_argnums=0)
     else:
@@ -97,12 +99,12 @@ class Trainer:
     t = jnp.zeros((1,), jnp.int32)
     y = jnp.zeros((1,), jnp.int32) if self.config.model.num_classes else None
 
-    def init(params_rng, train_rng):
-      params = self.model.init({'params': params_rng}, x, t, y=y, train=False)['params']
-      return train_state_lib.create_train_state(params, self.optimizer, train_rng, self.diffusion)
+    def init(params_key):
+      params = self.model.init({'params': params_key}, x, t, y=y, train=False)['params']
+      return train_state_lib.create_train_state(params, self.optimizer, self.diffusion)
 
-    return jax.jit(init, out_shardings=sharding.replicated(self.mesh))(self.streams['params'],
-                                                                         self.streams['train'])
+    return jax.jit(init, out_shardings=sharding.replicated(self.mesh))(
+        random_streams.stream(self.config.seed, 'params'))
 
   # The canonical (checkpointed) state is the single-copy one; under pmap it is replicated per device.
   def host_state(self) -> train_state_lib.TrainState:
@@ -115,7 +117,7 @@ class Trainer:
     """Runs `steps_per_call` steps on host batches stacked as (k, local_batch, ...); returns device metrics."""
     if self.pmap:
       n = jax.local_device_count()
-      # (k, B, ...) → (devices, k, B / devices, ...)
+      # (k, B, ...) -> (devices, k, B / devices, ...)
       batches = jax.tree.map(
           lambda x: np.moveaxis(x.reshape((x.shape[0], n, x.shape[1] // n) + x.shape[2:]), 1, 0), batches)
       self.state, metrics = self._step(self.state, batches)
@@ -336,7 +338,7 @@ def _write_sample_grid(config, trainer: Trainer, sample_fn, writer, workdir: str
                config.sample.batch_size, config.sample.method,
                config.sample.respacing or config.diffusion.num_timesteps)
   labels = sampling.sample_labels(config, config.sample.batch_size)
-  rng = jax.random.fold_in(trainer.streams['sample'], step)
+  rng = jax.random.fold_in(random_streams.stream(config.seed, 'sample'), step)
   samples = sampling.generate(sample_fn, trainer.host_state().ema_params, rng, labels, trainer.mesh,
                               config.sample.batch_size)
   grid = images_lib.make_grid(*sampling.grid_layout(config, samples, labels))

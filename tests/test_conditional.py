@@ -329,8 +329,8 @@ def _run_train_steps(num_classes, label_dropout, labels):
   x = jnp.zeros((batch, 2, 2, 1))
   params = model.init(jax.random.key(0), x, jnp.zeros((batch,), jnp.int32))['params']
   _SEEN.clear()
-  state = train_state_lib.create_train_state(params, optimizer, jax.random.key(5), diffusion)
-  step_fn = jax.jit(train_state_lib.make_step_fn(model, diffusion, optimizer, config))
+  state = train_state_lib.create_train_state(params, optimizer, diffusion)
+  step_fn = jax.jit(train_state_lib.make_step_fn(model, diffusion, optimizer, config, jax.random.key(5)))
   batches = {'image': jnp.zeros((steps, batch, 2, 2, 1)), 'label': jnp.asarray(labels, jnp.int32)}
   state, _ = step_fn(state, batches)
   jax.block_until_ready(state)
