@@ -90,7 +90,11 @@ def test_flush_makes_values_visible_before_close(tmp_path):
 
 
 def test_is_a_clu_metric_writer_and_bad_images_are_named(tmp_path):
-  from clu.metric_writers import interface  # pylint: disable=g-import-not-at-top  (the module registered by ours)
+  # clu's own interface module (`from clu.metric_writers import interface` would run clu's package __init__, which
+  # imports TensorFlow), registered under its name so clu's writers and ours share the class.
+  interface = sys.modules['clu.metric_writers.interface']
+  assert interface is tensorboard_writer.interface
+  assert interface.__file__.endswith(os.path.join('clu', 'metric_writers', 'interface.py'))
   assert issubclass(tensorboard_writer.TensorBoardWriter, interface.MetricWriter)
   assert isinstance(tensorboard_writer.create_writer(str(tmp_path / 'other'), enabled=False),
                     interface.MetricWriter)
