@@ -13,8 +13,8 @@ prints
     real held-out images scored exactly as `--mode=eval` scores N samples (`fid_train@N`).
 
 It also writes the full train and eval-split statistics to the cache `--mode=eval` reads
-(`<workdir>/eval/ref_stats_*.npz`), so a following `--mode=eval` does not recompute them, and keeps the features
-in `<workdir>/eval/features_<split>.npy` (reused by a second run).
+(`<eval.cache_dir or ~/.cache/ddpm_jax>/fid_stats/`), so a following `--mode=eval` does not recompute them, and keeps
+the features in `<workdir>/eval/features_<split>.npy` (reused by a second run).
 The human-readable lines go first; the LAST line of stdout is one JSON object.
 """
 
@@ -57,6 +57,7 @@ def main(argv):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ddpm_jax import evaluate  # pylint: disable=g-import-not-at-top
   from ddpm_jax import sharding  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.evaluation import cache as fid_cache  # pylint: disable=g-import-not-at-top
   from ddpm_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
@@ -78,8 +79,9 @@ def main(argv):
       res[f'{split}_inception_s'] = time.perf_counter() - start
     res[f'{split}_images'] = len(feats)
     stats[split] = metrics.feature_statistics(feats)
-    path = evaluate.ref_stats_path(config, split, net.protocol, eval_dir)
-    metrics.save_statistics(path, *stats[split], len(feats), net.protocol)
+    path = evaluate.ref_stats_path(config, split, len(feats), net.protocol)
+    fid_cache.save_statistics(path, fid_cache.statistics_key(config.data, split, len(feats), net.protocol),
+                              *stats[split], len(feats))
     if split == config.data.train_split:
       order = np.random.default_rng(FLAGS.seed).permutation(len(feats))
       halves = order[:len(feats) // 2], order[len(feats) // 2:]

@@ -337,8 +337,8 @@ def test_evaluation_logs_its_plan_progress_with_eta_and_where_results_went(tmp_p
   ref_train = evaluate.ref_stats_path(config, 'train', MOCK_EXAMPLES, FakeInception.protocol)
   assert lines[0] == (
       "Evaluating step 2 (EMA parameters); bits/dim of the first 8 'test' examples in 1 batch of 8 x 20 timesteps "
-      "(3 chunks of 7); FID/IS of 12 samples in 2 batches of 8 (ancestral, 20 of 20 steps); fid_train reference 'train' to "
-      "compute (20 examples, 3 batches); fid_test reference 'test' to compute (20 examples, 3 batches)")
+      "(3 chunks of 7); FID/IS of 12 samples in 2 batches of 8 (ancestral, 20 of 20 steps); fid_train reference "
+      "'train' to compute (20 examples, 3 batches); fid_test reference 'test' to compute (20 examples, 3 batches)")
   # Progress with a rate and an ETA in every phase: between chunks of timesteps (the ETA is known after the second
   # chunk; the first includes compilation), and across reference and sample batches.
   duration = r'(\d+h)?(\d+m)?[0-9.]+s'
