@@ -169,8 +169,7 @@ def model_image_shape(config=None) -> tuple[int, int, int]:
   """(H, W, C) of the images the quickstart model sees (and samples)."""
   from ddpm_jax import models  # pylint: disable=g-import-not-at-top
   config = config or quickstart_config()
-  side = models.model_image_size(config)
-  return side, side, int(config.data.num_channels)
+  return models.image_shape(config)
 
 
 def load_samples(path: str, image_shape: Optional[tuple[int, int, int]] = None) -> tuple[np.ndarray, np.ndarray]:

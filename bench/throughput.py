@@ -167,9 +167,9 @@ def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
 def synthetic_batches(config, batch_size: int) -> dict[str, Any]:
   """What `Trainer.step` takes: `steps_per_call` stacked batches of uniform images (and labels if conditional)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import models  # pylint: disable=g-import-not-at-top
   k = int(config.training.steps_per_call)
-  side, _, channels = sampling.image_shape(config)
+  side, _, channels = models.image_shape(config)
   rng = np.random.default_rng(0)
   batches = {'image': rng.uniform(-1, 1, (k, batch_size, side, side, channels)).astype(np.float32)}
   if config.model.num_classes:

@@ -11,19 +11,25 @@ from typing import Any, Iterable, Optional
 
 import ml_collections
 
+from ddpm_jax import diffusion
+from ddpm_jax import input_pipeline
+from ddpm_jax import models
+from ddpm_jax import samplers
+from ddpm_jax import schedules
+from ddpm_jax.models import unet
 from ddpm_jax.errors import ConfigError, UserError  # pylint: disable=unused-import  (re-exported)
 
-DATASETS = ('cifar10', 'celeb_a', 'celeb_a_hq', 'lsun/church_outdoor', 'lsun/bedroom', 'lsun/cat', 'mnist',
-            'fashion_mnist', 'folder', 'mnist5k')
-SCHEDULES = ('linear', 'quad', 'const', 'jsd', 'warmup10', 'warmup50', 'cosine')
-MEAN_TYPES = ('eps', 'xstart', 'xprev', 'v')
-VAR_TYPES = ('fixedlarge', 'fixedsmall', 'learned', 'learned_range')
-LOSS_TYPES = ('mse', 'kl', 'hybrid', 'rescaled_mse', 'rescaled_kl', 'l1', 'huber')
-T_SAMPLING = ('uniform', 'importance')
-PARALLELISM = ('jit', 'pmap')
-DTYPES = ('float32', 'bfloat16')
-SAMPLE_METHODS = ('ancestral', 'ddim')
-GROUPNORM_GROUPS = 32
+# Allowed values live with the code that gives them meaning; validation reads them from there.
+DATASETS = input_pipeline.VALID_DATASETS
+SCHEDULES = schedules.SCHEDULES
+MEAN_TYPES = diffusion.MEAN_TYPES
+VAR_TYPES = diffusion.VAR_TYPES
+LOSS_TYPES = diffusion.LOSS_TYPES
+T_SAMPLING = diffusion.T_SAMPLINGS
+PARALLELISM = ('jit', 'pmap')  # training.parallelism (train.Trainer)
+DTYPES = tuple(models.DTYPES)
+SAMPLE_METHODS = samplers.METHODS
+GROUPNORM_GROUPS = unet.GROUPNORM_GROUPS
 
 
 def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
@@ -59,11 +65,6 @@ def _in_range(config, field: str, low: float, high: float, *, low_open=False, hi
     ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
   interval = f'{"(" if low_open else "["}{low}, {high}{")" if high_open else "]"}'
   _require(ok, field, value, f'must be a number in {interval}')
-
-
-def uses_learned_variance(config: ml_collections.ConfigDict) -> bool:
-  """Whether the network outputs 2C channels (log-variance or its interpolation) as well as the mean."""
-  return config.diffusion.var_type in ('learned', 'learned_range')
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
@@ -116,12 +117,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   _one_of(config, 'diffusion.loss_type', LOSS_TYPES)
   _one_of(config, 'diffusion.t_sampling', T_SAMPLING)
   _in_range(config, 'diffusion.hybrid_lambda', 0.0, float('inf'))
+  learned = diffusion.learns_variance(config.diffusion.var_type)
   if config.model.learned_variance is not None:
-    _require(config.model.learned_variance == uses_learned_variance(config), 'model.learned_variance',
+    _require(config.model.learned_variance == learned, 'model.learned_variance',
              config.model.learned_variance,
              f'must agree with diffusion.var_type={config.diffusion.var_type!r} (or leave it unset to derive it)')
-  if uses_learned_variance(config):
-    _require(config.diffusion.loss_type in ('kl', 'hybrid', 'rescaled_kl'), 'diffusion.var_type',
+  if learned:
+    _require(config.diffusion.loss_type in diffusion.BOUND_LOSS_TYPES, 'diffusion.var_type',
              config.diffusion.var_type,
              f"a learned variance is only trained by a loss with the bound (diffusion.loss_type 'kl', 'hybrid' or "
              f"'rescaled_kl'), not {config.diffusion.loss_type!r}")
@@ -204,7 +206,6 @@ def _validate_cache_dir(cache_dir: Any) -> None:
 
 
 def _validate_respacing(config: ml_collections.ConfigDict) -> None:
-  from ddpm_jax import samplers  # pylint: disable=g-import-not-at-top
   if not config.sample.respacing:
     return  # all T steps
   try:

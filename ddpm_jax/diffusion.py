@@ -24,8 +24,15 @@ VAR_TYPES = ('fixedlarge', 'fixedsmall', 'learned', 'learned_range')
 LOSS_TYPES = ('mse', 'kl', 'hybrid', 'rescaled_mse', 'rescaled_kl', 'l1', 'huber')
 T_SAMPLINGS = ('uniform', 'importance')
 LEARNED_VAR_TYPES = ('learned', 'learned_range')
+# The losses with the bound's terms: the only ones that train a learned variance (L_simple has no variance term).
+BOUND_LOSS_TYPES = ('kl', 'hybrid', 'rescaled_kl')
 
 Array = jax.Array
+
+
+def learns_variance(var_type: str) -> bool:
+  """Whether `var_type` has the network output the variance as well as the mean (2C channels)."""
+  return var_type in LEARNED_VAR_TYPES
 
 
 def _static(**kwargs):
@@ -71,7 +78,7 @@ class Diffusion:
   @property
   def learns_variance(self) -> bool:
     """True when the network outputs 2C channels: C for the mean, C for the variance (Nichol & Dhariwal 2021)."""
-    return self.var_type in LEARNED_VAR_TYPES
+    return learns_variance(self.var_type)
 
   @property
   def dtype(self):

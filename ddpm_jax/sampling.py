@@ -28,11 +28,6 @@ from ddpm_jax import samplers
 from ddpm_jax import sharding
 
 
-def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """(H, W, C) of the model's images (`data.image_size` is the size after any padding)."""
-  return config.data.image_size, config.data.image_size, config.data.num_channels
-
-
 def sample_labels(config: ml_collections.ConfigDict, num: int) -> Optional[np.ndarray]:
   """Class labels for `num` samples: None (unconditional), one class, or contiguous blocks of every class in turn
   (so a grid with `num / num_classes` columns shows one class per row)."""
@@ -81,7 +76,7 @@ def make_sample_fn(config: ml_collections.ConfigDict, model, diffusion: diffusio
   conditional and unconditional halves in one batched network call per step. `num` is rounded up to a multiple of
   the device count; `generate` trims the extra samples.
   """
-  shape = (padded_count(num, mesh),) + image_shape(config)
+  shape = (padded_count(num, mesh),) + models.image_shape(config)
   cfg = config.sample
 
   def sample(params, rng, labels):

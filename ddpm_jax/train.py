@@ -22,7 +22,6 @@ import numpy as np
 import optax
 
 from ddpm_jax import checkpointing
-from ddpm_jax import config_validation
 from ddpm_jax import console
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import images as images_lib
@@ -94,8 +93,7 @@ class Trainer:
 
   def _initial_state(self) -> train_state_lib.TrainState:
     """Params are created directly in their final (replicated) layout, never gathered on one host first."""
-    side, _, channels = sampling.image_shape(self.config)
-    x = jnp.zeros((1, side, side, channels), jnp.float32)
+    x = jnp.zeros((1,) + models.image_shape(self.config), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
     y = jnp.zeros((1,), jnp.int32) if self.config.model.num_classes else None
 
@@ -216,11 +214,10 @@ def _log_run(config: ml_collections.ConfigDict, workdir: str, num_params: int, r
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_state_lib.TrainState:
   """Trains (resuming from the newest readable checkpoint in `workdir`) until `training.num_steps`.
 
-  Holds the workdir's training lock throughout (one run per workdir). Returns the final state (single-copy
+  `config` is taken as valid: `run.run` (what `main.py` calls) checks it, the data and the workdir before this is
+  called. Holds the workdir's training lock throughout (one run per workdir). Returns the final state (single-copy
   layout). Raises `TrainingDivergedError` after `training.max_consecutive_skips` skipped updates in a row.
   """
-  config_validation.validate_config(config, jax.device_count())
-  input_pipeline.check_data(config)  # sizes, labels, folder headers (run.run also checks the splits)
   os.makedirs(workdir, exist_ok=True)
   with workdir_lock.WorkdirLock(workdir, jax.process_index()):
     return _train(config, workdir)

@@ -33,6 +33,7 @@ from ddpm_jax import models
 from ddpm_jax import samplers
 from ddpm_jax import sampling
 from ddpm_jax import sharding
+from ddpm_jax import run
 from ddpm_jax import train
 from ddpm_jax import train_state as train_state_lib
 
@@ -405,7 +406,7 @@ def test_conditional_config_on_unlabelled_data_is_a_clear_error(tmp_path):
     input_pipeline.create_train_iterator(config, process_index=0, process_count=1)
   config.training.batch_size = 8  # divides by the 8 test devices
   with pytest.raises(errors.UserError, match=r"config.model.num_classes=10 .*'folder' has no labels"):
-    train.train_and_evaluate(config, str(tmp_path / 'run'))  # before anything is built
+    run.run('train', config, str(tmp_path / 'run'))  # before anything is built
   assert not (tmp_path / 'run' / 'checkpoints').exists()
   config.model.num_classes, config.training.batch_size = 0, 2  # unconditional: fine
   batch = next(input_pipeline.create_train_iterator(config, process_index=0, process_count=1))

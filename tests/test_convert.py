@@ -211,7 +211,7 @@ def test_learned_variance_and_padded_configs():
   digits = dict(SMALL_CONFIG, in_channels=1, out_channels=1, sample_size=32)
   config = convert.apply_overrides(padded, convert.model_overrides_from_diffusers(digits))
   assert (config.data.image_size, config.data.pad_to, config.data.num_channels) == (28, 32, 1)
-  assert models.model_image_size(config) == 32
+  assert models.image_shape(config) == (32, 32, 1)
 
 
 def test_command_writes_a_restorable_workdir_without_torch(small_net, tmp_path, capsys):

@@ -20,6 +20,7 @@ from ddpm_jax import checkpointing
 from ddpm_jax import errors
 from ddpm_jax import input_pipeline
 from ddpm_jax import losses
+from ddpm_jax import run
 from ddpm_jax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,7 +219,7 @@ def test_conditional_config_on_unlabelled_data_fails_fast(tmp_path):
   config.data.dataset = 'celeb_a'
   config.model.num_classes = 10
   with pytest.raises(errors.UserError, match='config.model.num_classes=10 .* has no labels'):
-    train.train_and_evaluate(config, str(tmp_path))
+    run.run('train', config, str(tmp_path))
 
 
 def _final_params(workdir):

@@ -44,7 +44,7 @@ def _small_config(**model_overrides):
 
 
 def _inputs(config, batch=2, seed=0):
-  side = models.model_image_size(config)
+  side = models.image_shape(config)[0]
   rng = np.random.RandomState(seed)
   x = rng.uniform(-1, 1, (batch, side, side, config.data.num_channels)).astype(np.float32)
   t = rng.randint(0, 1000, (batch,)).astype(np.int32)
@@ -88,7 +88,7 @@ def test_param_count_and_output_shape_of_every_config(name):
   shapes = models.param_shapes(model)
   assert models.count_params(shapes) == PARAM_COUNTS[name]
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(shapes))
-  side = models.model_image_size(config)
+  side = models.image_shape(config)[0]
   x = jax.ShapeDtypeStruct((2, side, side, config.data.num_channels), jnp.float32)
   t = jax.ShapeDtypeStruct((2,), jnp.int32)
   out = jax.eval_shape(lambda p, x, t: model.apply({'params': p}, x, t, train=False), shapes, x, t)

@@ -8,27 +8,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ddpm_jax import diffusion as diffusion_lib
+
 from ddpm_jax.models.unet import AttnBlock, ResnetBlock, UNet, get_timestep_embedding
 
-__all__ = ['UNet', 'ResnetBlock', 'AttnBlock', 'get_timestep_embedding', 'create_model', 'uses_learned_variance',
-           'model_image_size', 'init_params', 'param_shapes', 'count_params']
+__all__ = ['UNet', 'ResnetBlock', 'AttnBlock', 'get_timestep_embedding', 'create_model', 'DTYPES',
+           'image_shape', 'init_params', 'param_shapes', 'count_params']
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-_LEARNED_VAR_TYPES = ('learned', 'learned_range')
-
-
-def uses_learned_variance(config: ml_collections.ConfigDict) -> bool:
-  """`config.model.learned_variance`, or when unset (None), whether `config.diffusion.var_type` is learned."""
-  learned = config.model.get('learned_variance', None)
-  if learned is None:
-    return config.diffusion.var_type in _LEARNED_VAR_TYPES
-  return bool(learned)
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}  # model.dtype: the activations' dtype
 
 
-def model_image_size(config: ml_collections.ConfigDict) -> int:
-  """Side of the images the model sees: `data.pad_to` when > 0 (padded digits), else `data.image_size`."""
-  pad_to = config.data.get('pad_to', 0) or 0
-  return int(pad_to) if pad_to > 0 else int(config.data.image_size)
+def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(H, W, C) of the images the model sees, samples and is trained on: `data.pad_to` when > 0 (padded digits),
+  else `data.image_size`. The input pipeline checks that the dataset's images come out in this shape."""
+  side = int(config.data.get('pad_to', 0) or 0) or int(config.data.image_size)
+  return side, side, int(config.data.num_channels)
 
 
 def create_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -39,21 +33,19 @@ def create_model(config: ml_collections.ConfigDict) -> nn.Module:
   `model.apply({'params': p}, x, t, y=None, train=False, rngs={'dropout': key})`.
   """
   m = config.model
-  if m.dtype not in _DTYPES:
-    raise ValueError(f'model.dtype must be one of {sorted(_DTYPES)}, got {m.dtype!r}')
   num_channels = int(config.data.num_channels)
   return UNet(
       ch=int(m.ch),
-      out_ch=num_channels * (2 if uses_learned_variance(config) else 1),
+      out_ch=num_channels * (2 if diffusion_lib.learns_variance(config.diffusion.var_type) else 1),
       ch_mult=tuple(int(c) for c in m.ch_mult),
       num_res_blocks=int(m.num_res_blocks),
       attn_resolutions=tuple(int(r) for r in m.attn_resolutions),
       dropout=float(m.dropout),
       resamp_with_conv=bool(m.resamp_with_conv),
-      image_size=model_image_size(config),
+      image_size=image_shape(config)[0],
       in_ch=num_channels,
       num_classes=int(m.get('num_classes', 0) or 0),
-      dtype=_DTYPES[m.dtype],
+      dtype=DTYPES[m.dtype],
       remat=bool(m.get('remat', False)),
   )
 
