@@ -17,7 +17,7 @@ from ddpm_jax import models
 from ddpm_jax import samplers
 from ddpm_jax import schedules
 from ddpm_jax.models import unet
-from ddpm_jax.errors import ConfigError, UserError  # pylint: disable=unused-import  (re-exported)
+from ddpm_jax.errors import ConfigError
 
 # Allowed values live with the code that gives them meaning; validation reads them from there.
 DATASETS = input_pipeline.VALID_DATASETS

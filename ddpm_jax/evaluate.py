@@ -38,18 +38,18 @@ import numpy as np
 
 from ddpm_jax import atomic_write
 from ddpm_jax import checkpointing
-from ddpm_jax import config_validation
 from ddpm_jax import console
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import images as images_lib
 from ddpm_jax import input_pipeline
 from ddpm_jax import likelihood
 from ddpm_jax import models
+from ddpm_jax import random_streams
 from ddpm_jax import samplers
 from ddpm_jax import sampling
 from ddpm_jax import sharding
 from ddpm_jax import tensorboard_writer
-from ddpm_jax import train_state as train_state_lib
+from ddpm_jax.errors import ConfigError, UserError
 from ddpm_jax.evaluation import cache as fid_cache
 from ddpm_jax.evaluation import metrics
 
@@ -58,14 +58,12 @@ PROGRESS_SAVE_SECONDS = 60.0
 # Largest number of timesteps of the bound per compiled call, between which progress is logged. About 20 s per
 # chunk for the quickstart's 100 examples on a 2-core CPU; on CPU 40 chunks of 25 run as fast as one scan of 1000.
 BPD_CHUNK_TIMESTEPS = 25
-# fold_in constant of the bits/dim noise stream (the training streams use 0, 1, 2).
-BPD_STREAM = 0xB9D
 # Reverse-process times t (paper indexing, 1..T, for T = 1000) of the rate-distortion table; scaled to other T.
 RATE_DISTORTION_T = (1, 10, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000)
 BPD_DEFINITION = 'discrete variational bound (Ho et al. 2020, eq. 5), not ODE likelihood'
 
 
-class FIDNetworkUnavailableError(config_validation.UserError):
+class FIDNetworkUnavailableError(UserError):
   """The FID Inception weights are missing or unreadable (raised before anything is sampled)."""
 
 
@@ -226,7 +224,7 @@ def _bpd_batch(chunk_fn, chunk_size: int, num_timesteps: int, params, batch: Dic
 
 def bpd_key(seed: int) -> jax.Array:
   """Root key of the bits/dim noise; batch b uses fold_in(bpd_key(seed), b)."""
-  return jax.random.fold_in(jax.random.key(seed), BPD_STREAM)
+  return random_streams.stream(seed, 'bpd')
 
 
 def bpd_iterator(config: ml_collections.ConfigDict) -> input_pipeline.EvalIterator:
@@ -449,7 +447,7 @@ def sample_features(config: ml_collections.ConfigDict, model, diffusion: diffusi
   if done < num_batches:
     sample_fn = sampling.make_sample_fn(config, model, diffusion, mesh, batch)
     labels_all = sampling.sample_labels(config, num)
-    base_rng = train_state_lib.random_streams(config.seed)['sample']
+    base_rng = random_streams.stream(config.seed, 'sample')
     # Inception chunks no larger than a sample batch: a small sample batch is not padded to a large chunk.
     chunk = min(config.eval.inception_batch_size, batch)
     log = console.ProgressLog(num_batches - done)
@@ -581,7 +579,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, inception: Any 
   net = None
   if cfg.fid:
     if cfg.num_samples < 2:
-      raise config_validation.ConfigError(f'config.eval.num_samples={cfg.num_samples} is invalid: FID needs >= 2')
+      raise ConfigError(f'config.eval.num_samples={cfg.num_samples} is invalid: FID needs >= 2')
     net = inception if inception is not None else load_fid_network(config)  # fail fast, before any sampling
   step, _, ema_params = checkpointing.restore_inference_params(workdir, cfg.step)
   eval_dir = os.path.join(workdir, 'eval')
@@ -603,7 +601,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, inception: Any 
     protocol['bpd_details'] = {
         'split': config.data.eval_split, 'num_examples': results['bpd_terms']['num_examples'],
         'batch_size': cfg.bpd_batch_size, 'clip_denoised': True, 'num_timesteps': diffusion.num_timesteps,
-        'noise': f'fresh per timestep and batch: fold_in(fold_in(fold_in(key(seed), {BPD_STREAM}), batch), t)',
+        'noise': f'fresh per timestep and batch: fold_in(fold_in(fold_in(key(seed), {random_streams.STREAM_IDS["bpd"]}), batch), t)',
         'labels': 'true labels (conditional bound)' if config.model.num_classes else None,
         'rate_distortion': 'Ho et al. 2020 Sec. 4.3: rate = L_T + sum_{k>=t} L_k, distortion = sum_{k<t} L_k; '
                            'rmse of x0_hat(x_t) on [0, 255]'}

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from ddpm_jax import config_validation
+from ddpm_jax import errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ['default', 'cifar10', 'celeb_a_hq', 'lsun_church', 'lsun_bedroom', 'lsun_cat', 'mnist', 'quickstart',
@@ -74,7 +75,7 @@ def test_invalid_field_is_named(field, value, devices):
     config.training.steps_per_call = 2
   section, name = field.split('.')
   config[section][name] = value
-  with pytest.raises(config_validation.ConfigError) as err:
+  with pytest.raises(errors.ConfigError) as err:
     config_validation.validate_config(config, devices)
   message = str(err.value)
   assert f'config.{field}' in message and '\n' not in message
@@ -87,7 +88,7 @@ def test_l1_and_huber_losses_need_a_fixed_variance(loss_type):
     config.diffusion.loss_type, config.diffusion.var_type = loss_type, var_type
     config_validation.validate_config(config, 1)
   config.diffusion.var_type = 'learned_range'
-  with pytest.raises(config_validation.ConfigError) as err:
+  with pytest.raises(errors.ConfigError) as err:
     config_validation.validate_config(config, 1)
   message = str(err.value)
   assert message.startswith("config.diffusion.var_type='learned_range' is invalid") and '\n' not in message
@@ -95,7 +96,7 @@ def test_l1_and_huber_losses_need_a_fixed_variance(loss_type):
 
 
 def _message(config):
-  with pytest.raises(config_validation.ConfigError) as err:
+  with pytest.raises(errors.ConfigError) as err:
     config_validation.validate_config(config, 1)
   return str(err.value)
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from configs import test as test_config
 from ddpm_jax import input_pipeline
-from ddpm_jax.config_validation import UserError
+from ddpm_jax.errors import UserError
 from ddpm_jax.data import sources
 from tests import fake_datasets
 

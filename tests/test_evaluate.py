@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 
 from configs import test as test_config
 from ddpm_jax import checkpointing
-from ddpm_jax import config_validation
+from ddpm_jax import errors
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import evaluate
 from ddpm_jax import images as images_lib
@@ -371,7 +371,7 @@ def test_missing_inception_weights_fail_fast(tmp_path, monkeypatch):
     monkeypatch.setattr(module, name, must_not_run)
   with pytest.raises(evaluate.FIDNetworkUnavailableError) as info:
     evaluate.evaluate(config, str(tmp_path))
-  assert isinstance(info.value, config_validation.UserError)
+  assert isinstance(info.value, errors.UserError)
   assert '\n' not in str(info.value) and 'missing.pt' in str(info.value)
 
   # main.py prints it as one line and exits 2, before touching the (absent) checkpoint. The workdir exists and the

@@ -10,6 +10,7 @@ import pytest
 
 from configs import quickstart
 from ddpm_jax import config_validation
+from ddpm_jax import errors
 from ddpm_jax.evaluation import cache
 
 PROTOCOL = {'weights_sha256': 'ab' * 32, 'resize': 'tf_bilinear_legacy', 'input_range': '[-1, 1]',
@@ -133,8 +134,8 @@ def test_cache_dir_is_validated_before_anything_runs(tmp_path):
   config_validation.validate_config(config)
   (tmp_path / 'a_file').write_text('x')
   config.eval.cache_dir = str(tmp_path / 'a_file' / 'sub')
-  with pytest.raises(config_validation.ConfigError, match=r'config\.eval\.cache_dir=.*a_file is a file'):
+  with pytest.raises(errors.ConfigError, match=r'config\.eval\.cache_dir=.*a_file is a file'):
     config_validation.validate_config(config)
   config.eval.cache_dir = ''
-  with pytest.raises(config_validation.ConfigError, match=r"config\.eval\.cache_dir='' is invalid"):
+  with pytest.raises(errors.ConfigError, match=r"config\.eval\.cache_dir='' is invalid"):
     config_validation.validate_config(config)
