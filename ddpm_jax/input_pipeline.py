@@ -67,6 +67,7 @@ import grain.python as grain
 import numpy as np
 from PIL import Image
 
+from ddpm_jax import random_streams
 from ddpm_jax.data import sources
 
 # Re-exported: callers catch `input_pipeline.DatasetNotPreparedError`.
@@ -223,9 +224,8 @@ def _local_batch_size(global_batch_size: int, process_count: int, field: str) ->
 
 
 def data_seed(config) -> int:
-  """The 32-bit seed of the data stream (shuffling and flips), derived from `config.seed` only."""
-  # A named stream of the master seed, so data order is independent of e.g. parameter initialisation.
-  return int(np.random.SeedSequence([int(config.seed) % 2**32, 0xDA7A]).generate_state(1)[0] >> 1)
+  """The 32-bit seed of the data stream (shuffling and flips): `random_streams.data_seed(config.seed)`."""
+  return random_streams.data_seed(config.seed)
 
 
 def _raw_source(config, spec: _Spec, split: str):

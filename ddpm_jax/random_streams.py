@@ -11,12 +11,14 @@ own position and never on what else ran before it (a resumed run, a second eval,
   sample   samples: batch i of `--mode=sample`, of the eval FID samples and of the grid drawn at training step s use
            `fold_in(sample, i)` / `fold_in(sample, s)`;
   bpd      the noise of the bits/dim bound: `fold_in(fold_in(bpd, batch), t)`;
-  figures  the noise of the figures (`python -m ddpm_jax.figures`).
+  figures  the noise of the figures (`python -m ddpm_jax.figures`);
+  data     shuffling and flips of the input pipeline (a 32-bit integer seed for grain / NumPy: `data_seed`).
 """
 
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 STREAM_IDS = {'params': 0, 'train': 1, 'sample': 2, 'bpd': 0xB9D, 'figures': 0xF16}
 
@@ -29,3 +31,8 @@ def stream(seed: int, name: str) -> jax.Array:
 def step_key(train_stream: jax.Array, step: jax.Array) -> jax.Array:
   """The key of one train step: `fold_in(train_stream, step)` (traceable: `step` is the state's step counter)."""
   return jax.random.fold_in(train_stream, step)
+
+
+def data_seed(seed: int) -> int:
+  """The 32-bit seed of the data stream, from `seed` only (so data order does not depend on, e.g., the model)."""
+  return int(np.random.SeedSequence([int(seed) % 2**32, 0xDA7A]).generate_state(1)[0] >> 1)
