@@ -2,6 +2,7 @@
 
   python main.py --config=configs/cifar10.py --workdir=runs/cifar10 [--mode=train|sample|eval]
   python main.py --config=configs/cifar10.py --workdir=runs/cifar10 --config.diffusion.loss_type=kl
+  python main.py --workdir=runs/cifar10 --mode=sample     # sample/eval: the config the workdir recorded
 
 Anything the user can fix (a flag, a config field or file, the workdir, the data, a checkpoint) is one line
 `ddpm_jax: error: ...` on stderr and exit code 2, before anything compiles; a diverged run is one line and exit 1.
@@ -21,7 +22,8 @@ from absl import logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.', lock_config=True)
+config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file (required to train; '
+                                'sample/eval default to the config the workdir records).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, samples and evaluation results.')
 flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do with the workdir.')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host; auto-detected on TPU '
@@ -29,7 +31,7 @@ flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (mult
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a manual multi-process launch.')
 flags.DEFINE_integer('num_processes', None, 'Number of processes, for a manual multi-process launch.')
 flags.DEFINE_integer('process_id', None, 'This process index, for a manual multi-process launch.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['workdir'])
 
 USAGE_ERROR_EXIT = 2
 
@@ -83,7 +85,7 @@ def _load_config(argv):
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments: {argv[1:]} (flags are --name=value)')
-  config = _load_config(sys.argv)
+  config = _load_config(sys.argv) if FLAGS.config is not None else None  # sample/eval: the workdir's own
   from ddpm_jax import console  # pylint: disable=g-import-not-at-top
   console.setup(FLAGS.verbosity)
   import jax  # pylint: disable=g-import-not-at-top

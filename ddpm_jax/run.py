@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Optional
 
 import ml_collections
 
 from ddpm_jax import config_validation
+from ddpm_jax import workdir_config
 from ddpm_jax.errors import ConfigError, WorkdirError
 
 MODES = ('train', 'sample', 'eval')
@@ -31,11 +33,20 @@ def check_workdir(workdir: str, mode: str) -> None:
                        ) from None
 
 
-def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Validates `config`, the data and `workdir` (before anything compiles), then trains, samples or evaluates."""
+def run(mode: str, config: Optional[ml_collections.ConfigDict], workdir: str) -> None:
+  """Validates `config`, the data and `workdir` (before anything compiles), then trains, samples or evaluates.
+
+  `config=None` (no --config) samples or evaluates with the config the workdir records (`workdir_config`); a
+  config given for those modes is checked against it.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   if mode not in MODES:
     raise ConfigError(f'--mode={mode!r} is invalid: must be one of {list(MODES)}')
+  if mode == 'train' and config is None:
+    raise ConfigError('--config is required for --mode=train (e.g. --config=configs/quickstart.py)')
+  if mode != 'train':
+    check_workdir(workdir, mode)  # it must exist before its recorded config is read
+    config = workdir_config.for_inference(workdir, config)
   config_validation.validate_config(config, jax.device_count())
   from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   if mode in ('train', 'eval'):

@@ -32,6 +32,7 @@ from ddpm_jax import sampling
 from ddpm_jax import sharding
 from ddpm_jax import tensorboard_writer
 from ddpm_jax import train_state as train_state_lib
+from ddpm_jax import workdir_config
 from ddpm_jax import workdir_lock
 from ddpm_jax.data import sources
 from ddpm_jax.errors import TrainingDivergedError
@@ -58,14 +59,6 @@ class _PreemptionFlag:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
-
-
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes the resolved config to `<workdir>/config.json` (process 0)."""
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 class Trainer:
@@ -233,7 +226,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> train_state_lib.T
       workdir, tc.keep_checkpoints, trainer.host_state(),
       lambda: input_pipeline.checkpoint_restore_args(train_iter))
   trainer.set_state(state)
-  write_config(config, workdir)  # after the restore: a run resumed with a mismatching config keeps the original's
+  if jax.process_index() == 0:  # after the restore: a run resumed with a mismatching config keeps the original's
+    workdir_config.write(config, workdir)
   step = int(jax.device_get(trainer.host_state().step))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   _log_run(config, workdir, num_params, restored_step)

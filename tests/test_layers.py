@@ -16,7 +16,7 @@ LAYERS = (
                      'torch_checkpoint', 'tensorboard_writer', 'workdir_lock')),
     ('math', ('diffusion', 'likelihood', 'losses', 'samplers')),
     ('components', ('models', 'data', 'input_pipeline', 'evaluation', 'checkpointing')),
-    ('config', ('config_validation',)),
+    ('config', ('config_validation', 'workdir_config')),
     ('steps', ('train_state', 'sampling', 'figure_data', 'figure_plots')),
     ('modes', ('train', 'evaluate', 'figures', 'convert', 'export')),
     ('dispatch', ('run',)),

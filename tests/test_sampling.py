@@ -9,7 +9,11 @@ import pytest
 
 from configs import test as test_config
 from ddpm_jax import checkpointing
+from ddpm_jax import errors
+from ddpm_jax import run
 from ddpm_jax import sampling
+from ddpm_jax import workdir_config
+from tests.helpers import assert_one_line_error
 from tests.test_evaluate import random_params
 
 STEP = 3
@@ -68,3 +72,30 @@ def test_samples_use_the_ema_params(workdir):
   swapped = sampling.sample_and_export(make_config(8), raw_dir)
   with np.load(os.path.join(swapped, 'samples.npz')) as z:
     assert np.mean(z['images'] != images) > 0.5
+
+
+def test_a_workdir_samples_with_the_config_it_records(workdir, tmp_path):
+  # The recording (as training or convert writes it) is all `--mode=sample --workdir=W` needs.
+  recorded_dir = str(tmp_path / 'recorded')
+  config = test_config.get_config()
+  checkpointing.save_inference_checkpoint(recorded_dir, STEP, random_params(config, 0), random_params(config, 1))
+  workdir_config.write(make_config(5), recorded_dir)
+  run.run('sample', None, recorded_dir)
+  with np.load(os.path.join(recorded_dir, 'samples', f'step_{STEP}', 'samples.npz')) as z:
+    from_recording = z['images']
+  explicit, _ = export(make_config(5), workdir)  # same params, config given explicitly
+  np.testing.assert_array_equal(from_recording, explicit)
+
+  # A config given alongside may change how samples are drawn, not what was trained.
+  given = make_config(3, seed=1)
+  given.model.dtype = 'bfloat16'
+  assert workdir_config.for_inference(recorded_dir, given) is given
+  given.diffusion.num_timesteps = 10
+  given.model.ch_mult = (1, 2, 2)
+  assert_one_line_error(lambda: run.run('sample', given, recorded_dir), 'config.diffusion.num_timesteps=10',
+                        'differs from 20', 'config.json', '1 more: model.ch_mult', error=errors.ConfigError)
+
+
+def test_a_workdir_without_a_recording_needs_a_config(tmp_path):
+  assert_one_line_error(lambda: run.run('eval', None, str(tmp_path)), 'config.json does not exist',
+                        'pass the run\'s config with --config', error=errors.UserError)
