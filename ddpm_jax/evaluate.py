@@ -384,7 +384,11 @@ def reference_sources(config: ml_collections.ConfigDict, net, eval_dir: str) -> 
     it = input_pipeline.create_eval_iterator(config, split, config.eval.inception_batch_size)
     cache_key = fid_cache.statistics_key(config.data, split, it.num_examples, net.protocol)
     path = ref_stats_path(config, split, it.num_examples, net.protocol)
-    sources.append(ReferenceSource(key, split, path, it, fid_cache.load_statistics(path, cache_key), cache_key))
+    cached = fid_cache.load_statistics(path, cache_key)
+    if jax.process_count() > 1:  # each host may have its own cache: compute unless every process has the file
+      everywhere = sharding.to_host(np.asarray([cached is not None]))
+      cached = cached if bool(np.all(everywhere)) else None
+    sources.append(ReferenceSource(key, split, path, it, cached, cache_key))
   return sources
 
 
@@ -422,8 +426,10 @@ def reference_statistics(source: ReferenceSource, net, eval_dir: str,
       logging.info('FID reference statistics of %s: batch %d/%d, %s, ETA %s', split, b + 1, len(it), log.rate(),
                    log.eta())
   mu, sigma = acc.finalize()
+  # Every process holds the same statistics and writes them: each host's cache gets them, and on a shared file
+  # system the writes are safe together (`fid_cache.save_statistics`).
+  fid_cache.save_statistics(path, source.cache_key, mu, sigma, acc.count)
   if jax.process_index() == 0:
-    fid_cache.save_statistics(path, source.cache_key, mu, sigma, acc.count)
     os.remove(progress.path(name))
   return mu, sigma, acc.count, path
 
