@@ -11,8 +11,8 @@ Anything the user can fix (a flag, a config field or file, the workdir, the data
 import os
 import sys
 
-# TensorFlow (imported by tfds and the TensorBoard writer) must never claim accelerator memory, nor talk: set before
-# anything can import it.
+# Where TensorFlow is installed (only `tfds build` needs it), tfds may import it: keep it quiet. These lines only
+# silence it; keeping it off the accelerators is data/sources.py's job (it hides the GPUs from TF when TF is loaded).
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # TF computes nothing here; this only silences its notice
 
