@@ -21,13 +21,27 @@ def test_roundtrip_restores_the_newest_step_into_the_optax_structure(tmp_path):
     checkpointing.save(manager, step, _state(float(step)))
   manager.wait_until_finished()
   manager.close()
+  # The newest step after two Adam updates: moments, count and EMA that differ from the target's fresh ones.
+  params = _state(2.0)['params']
+  optimizer = optax.adam(1e-3)
+  opt_state = optimizer.init(params)
+  for _ in range(2):
+    _, opt_state = optimizer.update(jax.tree.map(lambda p: p + 1.0, params), opt_state, params)
+  saved = {'step': jnp.int32(3), 'params': params, 'ema_params': jax.tree.map(lambda p: 0.5 * p, params),
+           'opt_state': opt_state}
+  manager = checkpointing.create_manager(str(tmp_path), keep=3)
+  checkpointing.save(manager, 3, saved)
+  manager.wait_until_finished()
+  manager.close()
   manager, step, restored = checkpointing.restore_latest(str(tmp_path), 3, _state(0.0))
   manager.close()
-  assert step == 2
-  np.testing.assert_array_equal(restored['params']['w'], np.full((3, 2), 2.0))
-  np.testing.assert_array_equal(restored['opt_state'][0].mu['b']['c'], np.zeros(4))
-  assert int(restored['opt_state'][0].count) == 0
+  assert step == 3 and int(restored['step']) == 3
   assert isinstance(restored['opt_state'], tuple)  # restored into the optax structure, not dicts
+  assert int(restored['opt_state'][0].count) == 2
+  # mu = (1 - b1^2) g after two identical gradients g = params + 1 (b1 = 0.9): 0.19 g.
+  np.testing.assert_allclose(restored['opt_state'][0].mu['b']['c'], 0.19 * (np.arange(4.0) * 2 + 1), rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_a_checkpoint_that_still_stores_the_train_key_resumes(tmp_path):

@@ -9,7 +9,7 @@ from configs import default as default_config
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import schedules
 from tests import numpy_reference as ref
-from tests.assertions import assert_one_line_error
+from tests.helpers import assert_one_line_error
 
 CONSTANT_FIELDS = [name for name in diffusion_lib.Diffusion.__dataclass_fields__
                    if diffusion_lib.Diffusion.__dataclass_fields__[name].metadata.get('pytree_node', True)]
@@ -29,13 +29,23 @@ def test_paper_linear_schedule_endpoints_and_custom_range():
   # Ho et al. 2020, App. B: beta_1 = 1e-4, beta_T = 0.02, T = 1000.
   betas = schedules.get_betas('linear', 1000)
   assert betas[0] == pytest.approx(1e-4, rel=1e-15) and betas[-1] == pytest.approx(0.02, rel=1e-15)
+  np.testing.assert_allclose(np.diff(betas), (0.02 - 1e-4) / 999, rtol=1e-9)  # evenly spaced
+  # alpha_bar_t = prod_{s <= t} (1 - beta_s) (eq. 4), in float64; at t = T it is ~4.04e-5 (x_T is nearly pure noise).
+  d = diffusion_lib.make_diffusion(betas)
+  with jax.enable_x64(True):
+    d64 = diffusion_lib.make_diffusion(betas, dtype=jnp.float64)
+  product = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+  np.testing.assert_allclose(np.asarray(d64.alphas_cumprod), product, rtol=1e-13)
+  np.testing.assert_allclose(np.asarray(d.alphas_cumprod), product, rtol=1e-5)
+  assert float(d64.alphas_cumprod[0]) == pytest.approx(0.9999, rel=1e-15)
+  assert float(d64.alphas_cumprod[-1]) == pytest.approx(4.0358e-5, rel=1e-4)
   custom = schedules.get_betas('quad', 50, beta_start=1e-3, beta_end=0.05)
   np.testing.assert_allclose(custom, ref.betas('quad', 50, 1e-3, 0.05), rtol=1e-12)
   np.testing.assert_allclose(schedules.get_betas('const', 4, beta_end=0.3), 0.3)
 
 
 def test_cosine_alpha_bar_follows_closed_form():
-  # Nichol & Dhariwal 2021, Sec. 3.2: alpha_bar_t = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi / 2).
+  # Nichol & Dhariwal 2021, eq. 17: alpha_bar_t = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi / 2).
   num_timesteps = 100
   alpha_bar = np.cumprod(1 - schedules.get_betas('cosine', num_timesteps))
   grid = np.arange(1, num_timesteps + 1) / num_timesteps
@@ -45,26 +55,8 @@ def test_cosine_alpha_bar_follows_closed_form():
   assert schedules.get_betas('cosine', num_timesteps)[-1] == 0.999
 
 
-@pytest.mark.parametrize('name', schedules.SCHEDULES)
-def test_every_derived_constant_finite_at_both_ends(name):
-  for num_timesteps in (1, 2, 1000):
-    betas = schedules.get_betas(name, num_timesteps)
-    float32 = diffusion_lib.make_diffusion(betas)
-    with jax.enable_x64(True):
-      float64 = diffusion_lib.make_diffusion(betas, dtype=jnp.float64)
-      arrays64 = {k: np.asarray(getattr(float64, k)) for k in CONSTANT_FIELDS}
-    for arrays, dtype in (({k: np.asarray(getattr(float32, k)) for k in CONSTANT_FIELDS}, np.float32),
-                          (arrays64, np.float64)):
-      for key, values in arrays.items():
-        assert values.dtype == dtype, key
-        assert values.shape == (num_timesteps,), key
-        assert np.isfinite(values[0]) and np.isfinite(values[-1]), (name, num_timesteps, key, values[[0, -1]])
-
-
-@pytest.mark.parametrize('name', ['linear', 'cosine', 'jsd', 'warmup10'])
-def test_constants_match_reference_float64_and_float32(name):
-  num_timesteps = 30
-  betas = schedules.get_betas(name, num_timesteps)
+def _expected_constants(betas):
+  """Every schedule constant of `diffusion.Diffusion`, by the direct float64 formulas of eqs. 4, 6, 7, 11."""
   proc = ref.Process(betas)
   expected = {
       'betas': proc.beta, 'log_betas': np.log(proc.beta), 'alphas_cumprod': proc.abar,
@@ -81,16 +73,38 @@ def test_constants_match_reference_float64_and_float32(name):
   expected['xprev_recip_coef1'] = 1 / expected['posterior_mean_coef1']
   expected['xprev_coef2_over_coef1'] = expected['posterior_mean_coef2'] / expected['posterior_mean_coef1']
   assert set(expected) == set(CONSTANT_FIELDS)
+  return expected
+
+
+def _assert_constants(betas, rtol64, rtol32):
+  expected = _expected_constants(betas)
   with jax.enable_x64(True):
     d64 = diffusion_lib.make_diffusion(betas, dtype=jnp.float64)
     for key, value in expected.items():
-      assert ref.rel_err(getattr(d64, key), value) <= 1e-6, key
+      assert getattr(d64, key).dtype == jnp.float64, key
+      assert ref.rel_err(getattr(d64, key), value) <= rtol64, key
   d32 = diffusion_lib.make_diffusion(betas)
   for key, value in expected.items():
-    assert ref.rel_err(getattr(d32, key), value) <= 1e-5, key
-  # The posterior variance is beta~_t = 0 at t = 0 (x_0 is known from x_1) and its clipped log uses beta~ at t = 1.
-  assert float(d32.posterior_variance[0]) == 0.0
-  assert float(d32.posterior_log_variance_clipped[0]) == pytest.approx(np.log(proc.post_var[1]), rel=1e-6)
+    assert getattr(d32, key).dtype == jnp.float32, key
+    assert ref.rel_err(getattr(d32, key), value) <= rtol32, key
+  return d32
+
+
+@pytest.mark.parametrize('name', schedules.SCHEDULES)
+@pytest.mark.parametrize('num_timesteps', [1, 2, 1000])
+def test_every_derived_constant_at_the_extreme_lengths(name, num_timesteps):
+  # T = 1 (no next step: the clipped log variance uses beta_1), T = 2, and the paper's T = 1000, where the
+  # constants span the widest range (1 / sqrt(alpha_bar_T) ~ 160 for linear, ~ 1e3 to 1e4 for the clipped ones).
+  betas = schedules.get_betas(name, num_timesteps)
+  d32 = _assert_constants(betas, rtol64=1e-12, rtol32=1e-5)
+  first = betas[0] if num_timesteps == 1 else ref.Process(betas).post_var[1]
+  assert float(d32.posterior_variance[0]) == 0.0  # beta~_1 = 0: x_0 is known from x_1
+  assert float(d32.posterior_log_variance_clipped[0]) == pytest.approx(np.log(first), rel=1e-6)
+
+
+@pytest.mark.parametrize('name', ['linear', 'cosine', 'jsd', 'warmup10'])
+def test_constants_match_reference_float64_and_float32(name):
+  _assert_constants(schedules.get_betas(name, 30), rtol64=1e-6, rtol32=1e-5)
 
 
 def test_from_config_default_section():

@@ -1,0 +1,55 @@
+"""Helpers shared by test modules: one-line error assertions, compile counts, random U-Net parameters."""
+
+import contextlib
+import logging
+
+import jax
+import numpy as np
+import pytest
+
+from ddpm_jax import models
+
+
+def assert_one_line_error(fn, *needles, error=ValueError):
+  """`fn()` raises `error` with a one-line message containing every needle (the field and the allowed values)."""
+  with pytest.raises(error) as info:
+    fn()
+  message = str(info.value)
+  assert '\n' not in message
+  for needle in needles:
+    assert needle in message, (needle, message)
+
+
+@contextlib.contextmanager
+def compilations(caplog, name):
+  """Collects, into the list it yields, jax's 'Compiling <name> ...' messages of the block (`jax.log_compiles`):
+  one per XLA compilation of a jitted function called `name`, wherever the program then comes from."""
+  compiled = []
+  start = len(caplog.records)
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    yield compiled
+  prefixes = (f'Compiling {name} ', f'Compiling jit({name}) ')  # the second: jax >= 0.7
+  compiled.extend(r.getMessage() for r in caplog.records[start:] if r.getMessage().startswith(prefixes))
+
+
+def random_params(model, seed=0):
+  """float32 parameters of `model`'s shapes drawn with NumPy (no init program to compile), scaled so every layer
+  matters: kernels N(0, 1/fan_in), embeddings N(0, 1), GroupNorm scales 1 + N(0, 0.01), biases N(0, 0.01).
+
+  A fresh init would not do for comparisons: its zero-scale output convolutions make the network output ~0 and
+  most layers invisible.
+  """
+  rng = np.random.RandomState(seed)
+
+  def draw(path, shape):
+    name = jax.tree_util.keystr(path[-1:])
+    noise = rng.standard_normal(shape.shape).astype(np.float32)
+    if name == "['scale']":
+      return 1.0 + 0.1 * noise
+    if name == "['bias']":
+      return 0.1 * noise
+    if name == "['embedding']":
+      return noise
+    return noise / np.float32(np.sqrt(np.prod(shape.shape[:-1])))
+
+  return jax.tree_util.tree_map_with_path(draw, models.param_shapes(model))
