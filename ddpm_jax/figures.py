@@ -4,7 +4,8 @@
   python -m ddpm_jax.figures --workdir=runs/quickstart --figure=shared_latent,interpolation --interpolation_t=250
   python -m ddpm_jax.figures --workdir=/tmp/anywhere --figure=schedules     # needs no checkpoint
 
-The config is the workdir's `config.json` (what training wrote) unless `--config` is given. PNGs go to
+The config is the workdir's `config.json` (what training wrote); a `--config` given alongside may change how samples
+are drawn, not the model (as for `--mode=sample`, `ddpm_jax.workdir_config`). PNGs go to
 `<workdir>/figures/` (or `--out`), with `figures.json` holding each figure's settings (timesteps, lambdas,
 checkpoint step, sampler); the console has one caption line per figure saying what it shows and where it went.
 
@@ -52,9 +53,11 @@ from ddpm_jax import figure_data
 from ddpm_jax import figure_plots
 from ddpm_jax import images as images_lib
 from ddpm_jax import input_pipeline
+from ddpm_jax import models
 from ddpm_jax import random_streams
 from ddpm_jax import samplers
 from ddpm_jax import sampling
+from ddpm_jax import workdir_config
 from ddpm_jax.errors import ConfigError, UserError
 
 # Columns of the forward strip for T = 1000 (scaled to other T).
@@ -161,7 +164,7 @@ class _Run:
       num_steps = samplers.respace(diffusion_lib.from_config(self.config.diffusion),
                                    self.config.sample.respacing).num_timesteps
       num_progress = max(1, min(self.opts.num_progress, num_steps))
-      shape = (self.opts.num_images,) + sampling.image_shape(self.config)
+      shape = (self.opts.num_images,) + models.image_shape(self.config)
       labels = sampling.sample_labels(self.config, self.opts.num_images)
       _, reverse_key = jax.random.split(figures_key(self.config))
       self._chain = figure_data.reverse_chain(self.config, self.net(), shape, num_progress, reverse_key, labels)
@@ -370,37 +373,21 @@ def make_figures(config: ml_collections.ConfigDict, workdir: str, out_dir: Optio
 # ------------------------------------------------------------------------------------------ command line
 
 
-def _tuples(value: Any) -> Any:
-  """JSON lists back to the tuples the configs use (ch_mult, attn_resolutions)."""
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  return value
-
-
 def load_config(flag_config: Optional[ml_collections.ConfigDict], workdir: str,
                 names: Sequence[str]) -> ml_collections.ConfigDict:
-  """`--config` if given, else `<workdir>/config.json`; for figures that need neither a run nor a checkpoint
-  (`schedules` alone) the quickstart config (offline MNIST digits)."""
-  if flag_config is not None:
-    return flag_config
-  path = os.path.join(workdir, 'config.json')
-  if os.path.isfile(path):
-    try:
-      with open(path) as f:
-        return ml_collections.ConfigDict(_tuples(json.load(f)))
-    except (OSError, ValueError) as e:
-      raise UserError(f'{path} is not a readable config ({type(e).__name__}: {e}); pass --config') from None
-  if all(n == 'schedules' for n in names):
+  """The run's config as `--mode=sample|eval` take it (`workdir_config.for_inference`: `<workdir>/config.json`, or
+  `--config` checked against it); for `schedules` alone in a directory that records no run, `--config` or the
+  quickstart config (offline MNIST digits)."""
+  if not os.path.isfile(workdir_config.path(workdir)) and all(n == 'schedules' for n in names):
+    if flag_config is not None:
+      return flag_config
     try:
       from configs import quickstart  # pylint: disable=g-import-not-at-top
     except ImportError:
       raise UserError('--figure=schedules without --config needs the repository\'s configs/ package; pass '
                       '--config=configs/quickstart.py') from None
     return quickstart.get_config()
-  raise UserError(f'no --config given and {path} does not exist: pass the run\'s config, e.g. '
-                  '--config=configs/quickstart.py')
+  return workdir_config.for_inference(workdir, flag_config)
 
 
 def define_flags() -> None:

@@ -31,6 +31,7 @@ from ddpm_jax import input_pipeline
 from ddpm_jax import samplers
 from ddpm_jax import schedules
 from ddpm_jax import tensorboard_writer
+from ddpm_jax import workdir_config
 from ddpm_jax.errors import UserError
 from tests.test_evaluate import random_params
 
@@ -63,6 +64,7 @@ def workdir(tmp_path_factory):
   config = test_config.get_config()
   path = str(tmp_path_factory.mktemp('figures'))
   checkpointing.save_inference_checkpoint(path, STEP, random_params(config, 0), random_params(config, 1))
+  workdir_config.write(config, path)
   os.makedirs(os.path.join(path, 'eval'))
   with open(os.path.join(path, 'eval', f'step_{STEP}.json'), 'w') as f:
     json.dump(eval_results(), f)
@@ -104,6 +106,19 @@ def test_figure_names():
   assert figures.parse_figure_names('loss_by_t,schedules') == ['schedules', 'loss_by_t']
   with pytest.raises(UserError, match=r'--figure=schedule is invalid \(unknown: schedule\); allowed values'):
     figures.parse_figure_names('schedule')
+
+
+def test_config_is_the_one_the_workdir_records(workdir, tmp_path):
+  recorded = figures.load_config(None, workdir, ['progressive'])
+  assert recorded.model.ch == 32 and recorded.diffusion.num_timesteps == 20 and recorded.model.ch_mult == (1, 2)
+  given = test_config.get_config()
+  given.model.ch = 64
+  with pytest.raises(UserError, match=r'config.model.ch=64 differs from 32 in .*config.json'):
+    figures.load_config(given, workdir, ['progressive'])
+  # A directory that records no run draws the schedules with the quickstart's data (offline MNIST digits).
+  assert figures.load_config(None, str(tmp_path), ['schedules']).data.dataset == 'mnist5k'
+  with pytest.raises(UserError, match=r'config.json does not exist'):
+    figures.load_config(None, str(tmp_path), ['schedules', 'forward'])
 
 
 def test_schedule_curves_equal_get_betas():
