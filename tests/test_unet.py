@@ -11,7 +11,7 @@ import pytest
 from configs import default
 from ddpm_jax import models
 from ddpm_jax.models import group_norm
-from ddpm_jax.models import unet as unet_lib
+from tests.helpers import random_params
 
 # Expected parameter counts. CIFAR-10 is the released checkpoint's count (Ho et al. 2020); the 256x256 count is
 # that of diffusers' google/ddpm-{celebahq,church,bedroom,cat}-256 UNet2DModel (the "114M" of the paper).
@@ -51,24 +51,6 @@ def _inputs(config, batch=2, seed=0):
   return jnp.asarray(x), jnp.asarray(t)
 
 
-def _random_params(model, seed=0):
-  """Non-trivial float32 weights everywhere, drawn with NumPy (no init to compile; the zero-scale init would make
-  most of the network invisible to a comparison)."""
-  rng = np.random.RandomState(seed)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(models.param_shapes(model))
-  out = []
-  for path, leaf in leaves:
-    name = jax.tree_util.keystr(path)
-    noise = rng.standard_normal(leaf.shape).astype(np.float32)
-    if name.endswith("['kernel']") or name.endswith("['embedding']"):
-      out.append(noise / np.sqrt(np.prod(leaf.shape[:-1])))
-    elif name.endswith("['scale']"):
-      out.append(1.0 + 0.1 * noise)
-    else:
-      out.append(0.1 * noise)
-  return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(v) for v in out])
-
-
 def _apply_fn(model, **kwargs):
   return jax.jit(lambda p, x, t: model.apply({'params': p}, x, t, **kwargs))
 
@@ -78,7 +60,7 @@ def small():
   """(config, model, randomized params) of the small model, shared by the tests that need real weights."""
   config = _small_config()
   model = models.create_model(config)
-  return config, model, _random_params(model)
+  return config, model, random_params(model)
 
 
 @pytest.mark.parametrize('name', sorted(PARAM_COUNTS))
@@ -103,7 +85,7 @@ def test_cifar10_architecture_from_default_overrides():
   config.model.attn_resolutions, config.model.dropout = (16,), 0.1
   config.data.image_size, config.data.num_channels = 32, 3
   shapes = models.param_shapes(models.create_model(config))
-  assert models.count_params(shapes) == 35_746_307
+  assert models.count_params(shapes) == PARAM_COUNTS['cifar10']
   # The structure of the original: 4 levels x 2 blocks down, 3 up, attention only at 16x16 (level 1) + middle.
   names = set(shapes)
   assert {f'down_1_attn_{j}' for j in range(2)} | {f'up_1_attn_{j}' for j in range(3)} | {'mid_attn_1'} == {
@@ -127,7 +109,7 @@ def test_learned_variance_doubles_output_channels(var_type, learned_variance, ex
   model = models.create_model(config)
   shapes = models.param_shapes(model)
   assert shapes['conv_out']['kernel'].shape == (3, 3, 128, expected)
-  assert models.count_params(shapes) == 35_746_307 + (expected - 3) * (9 * 128 + 1)
+  assert models.count_params(shapes) == PARAM_COUNTS['cifar10'] + (expected - 3) * (9 * 128 + 1)
   out = jax.eval_shape(lambda p, x, t: model.apply({'params': p}, x, t), shapes,
                        jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32))
   assert out.shape == (1, 32, 32, expected)
@@ -152,15 +134,6 @@ def test_timestep_embedding_matches_the_original_formula():
     assert emb.shape == (5, dim) and emb.dtype == np.float32
     np.testing.assert_allclose(emb, ref, atol=2e-4)  # float32 sin of arguments up to 999
     assert np.abs(emb[0, :half]).max() == 0 and np.all(emb[0, half:2 * half] == 1)
-
-
-def test_resampling_helpers():
-  x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
-  up = np.asarray(unet_lib._upsample_nearest(x))
-  np.testing.assert_array_equal(up, np.repeat(np.repeat(np.asarray(x), 2, axis=1), 2, axis=2))
-  down = np.asarray(unet_lib._avg_pool2(x))
-  ref = np.asarray(x).reshape(2, 2, 2, 3, 2, 3).mean(axis=(2, 4))
-  np.testing.assert_allclose(down, ref)
 
 
 def test_initialisation_as_the_original():
@@ -194,17 +167,10 @@ def test_initialisation_as_the_original():
 
 
 def test_class_conditioning(small):
-  config, uncond, params_u = small
+  # The parameter tree and the errors for labels: tests/test_conditional.py.
+  config, _, params_u = small
   cond = models.create_model(_small_config(num_classes=10))
-  shapes_u, shapes_c = models.param_shapes(uncond), models.param_shapes(cond)
-  assert 'label_emb' not in shapes_u
-  assert shapes_c['label_emb']['embedding'].shape == (11, 128)  # 10 classes + the null class, 4*ch wide
-  assert models.count_params(shapes_c) == models.count_params(shapes_u) + 11 * 128
-
   x, t = _inputs(config, batch=3)
-  with pytest.raises(ValueError, match='unconditional'):
-    jax.eval_shape(lambda p: uncond.apply({'params': p}, x, t, y=jnp.zeros((3,), jnp.int32)), params_u)
-
   # The unconditional weights plus a random label embedding.
   params = dict(params_u, label_emb={'embedding': jax.random.normal(jax.random.PRNGKey(5), (11, 128))})
   apply = jax.jit(lambda p, y: cond.apply({'params': p}, x, t, y=y))
@@ -252,7 +218,7 @@ def test_remat_gives_the_same_gradients():
   config_remat = _small_config(remat=True, **overrides)
   config_remat.data.image_size = 8
   model_remat = models.create_model(config_remat)
-  params = _random_params(model)
+  params = random_params(model)
   assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(models.param_shapes(model_remat))
   x, t = _inputs(config)
 
@@ -283,14 +249,35 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_pooling_resampling_without_conv():
+  """resamp_with_conv=False: the level below gets the 2x2 mean of the level above, and the level above gets the
+  level below repeated 2x2 (Ho et al.'s avg-pool / nearest-neighbour option), with no resampling parameters."""
   config = _small_config(resamp_with_conv=False)
   model = models.create_model(config)
-  params = _random_params(model)
+  params = random_params(model)
   assert not any('sample' in name for name in params)
   assert models.count_params(params) == PARAM_COUNTS['test'] - (9 * 32 * 32 + 32) - (9 * 64 * 64 + 64)
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == '__call__' and context.module.name in ('down_0_block_0', 'down_1_block_0',
+                                                                      'up_1_attn_1', 'up_0_block_0'):
+      seen[context.module.name] = (np.asarray(args[0]), np.asarray(out))
+    return out
+
   x, t = _inputs(config)
-  out = _apply_fn(model)(params, x, t)
-  assert out.shape == (2, 32, 32, 3) and np.all(np.isfinite(np.asarray(out)))
+  with nn.intercept_methods(record):
+    out = model.apply({'params': params}, x, t)
+  assert out.shape == (2, 32, 32, 3)
+  # Level 0 (32x32, one block, no attention) -> level 1 (16x16): the input of level 1 is the mean of 2x2 cells.
+  level0 = seen['down_0_block_0'][1].astype(np.float64)
+  pooled = level0.reshape(2, 16, 2, 16, 2, 32).mean(axis=(2, 4))
+  np.testing.assert_allclose(seen['down_1_block_0'][0], pooled, rtol=1e-6, atol=1e-6)
+  # Level 1's last output (after attention) -> level 0: each value fills a 2x2 cell, then the skip is appended.
+  level1 = seen['up_1_attn_1'][1]
+  up_input = seen['up_0_block_0'][0]
+  assert up_input.shape == (2, 32, 32, 64 + 32)
+  np.testing.assert_array_equal(up_input[..., :64], np.repeat(np.repeat(level1, 2, axis=1), 2, axis=2))
 
 
 @pytest.mark.parametrize('shape, groups, dtype', [((2, 5, 6, 64), 32, jnp.float32), ((3, 4, 4, 12), 4, jnp.float32),
