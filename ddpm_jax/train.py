@@ -183,7 +183,7 @@ def _params_finite(state: train_state_lib.TrainState) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-_global_norm = jax.jit(optax.global_norm)
+_global_norm = jax.jit(optax.tree_utils.tree_norm)
 
 
 def _log_run(config: ml_collections.ConfigDict, workdir: str, num_params: int, restored_step: Optional[int]) -> None:

@@ -146,8 +146,8 @@ def apply_step(state: TrainState, batch: dict[str, jax.Array], draws: StepDraws,
   consecutive, total = skip_counts(opt_state)
   metrics = {
       'loss': loss,
-      'grad_norm': optax.global_norm(grads),
-      'param_norm': optax.global_norm(params),
+      'grad_norm': optax.tree_utils.tree_norm(grads),
+      'param_norm': optax.tree_utils.tree_norm(params),
       'lr': jnp.asarray(learning_rate_schedule(config)(state.step), jnp.float32),  # constant_schedule gives a float
       'skipped_updates': total,
       'consecutive_skips': consecutive,
