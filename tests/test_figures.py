@@ -28,12 +28,13 @@ from ddpm_jax import figure_data
 from ddpm_jax import figures
 from ddpm_jax import images as images_lib
 from ddpm_jax import input_pipeline
+from ddpm_jax import models
 from ddpm_jax import samplers
 from ddpm_jax import schedules
 from ddpm_jax import tensorboard_writer
 from ddpm_jax import workdir_config
 from ddpm_jax.errors import UserError
-from tests.test_evaluate import random_params
+from tests.helpers import random_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOCK_EXAMPLES = 8
@@ -63,7 +64,8 @@ def workdir(tmp_path_factory):
   """A run directory: checkpoint, eval json and training event files with loss_q0..loss_q3."""
   config = test_config.get_config()
   path = str(tmp_path_factory.mktemp('figures'))
-  checkpointing.save_inference_checkpoint(path, STEP, random_params(config, 0), random_params(config, 1))
+  model = models.create_model(config)
+  checkpointing.save_inference_checkpoint(path, STEP, random_params(model, 0), random_params(model, 1))
   workdir_config.write(config, path)
   os.makedirs(os.path.join(path, 'eval'))
   with open(os.path.join(path, 'eval', f'step_{STEP}.json'), 'w') as f:
@@ -78,7 +80,7 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope='module')
 def net():
   config = test_config.get_config()
-  return figure_data.network(config, random_params(config, 1))
+  return figure_data.network(config, random_params(models.create_model(config), 1))
 
 
 def tiles(path, ncol):
