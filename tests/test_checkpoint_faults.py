@@ -8,6 +8,7 @@ training checkpoints (train state + grain iterator state).
 import glob
 import logging
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -176,14 +177,14 @@ def test_workdir_lock_names_the_holder_and_is_taken_over_from_a_dead_one(tmp_pat
     message = proc.stdout.strip()
     assert workdir in message and f'pid {os.getpid()}' in message and '\n' not in message
   # Released cleanly: the record is empty and the next run takes it silently.
-  assert open(os.path.join(workdir, workdir_lock.LOCK_FILE)).read() == ''
+  assert pathlib.Path(workdir, workdir_lock.LOCK_FILE).read_text() == ''
 
   # A holder killed with -9 leaves its record but not the lock: the next run takes over, with a warning.
   proc = subprocess.run([sys.executable, '-c', 'import os, sys; from ddpm_jax import workdir_lock\n'
                          'workdir_lock.WorkdirLock(sys.argv[1]).__enter__(); os._exit(0)', workdir],
                         cwd=REPO, capture_output=True, text=True, timeout=60)
   assert proc.returncode == 0, proc.stderr
-  assert '"pid"' in open(os.path.join(workdir, workdir_lock.LOCK_FILE)).read()
+  assert '"pid"' in pathlib.Path(workdir, workdir_lock.LOCK_FILE).read_text()
   with caplog.at_level(logging.WARNING):
     with workdir_lock.WorkdirLock(workdir):
       pass

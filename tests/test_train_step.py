@@ -160,7 +160,7 @@ def test_ema_warmup_and_clipping_values():
   # min(||g||, clip) with ||g|| the reported (unclipped) gradient norm.
   assert float(m1['grad_norm'][0]) > clip
   mu = s1.opt_state.inner_state[1][0].mu  # apply_if_finite(chain(clip, adamw = chain(scale_by_adam, ...)))
-  np.testing.assert_allclose(float(optax.global_norm(mu)) / (1 - config.optim.b1), clip, rtol=1e-5)
+  np.testing.assert_allclose(float(optax.tree_utils.tree_norm(mu)) / (1 - config.optim.b1), clip, rtol=1e-5)
   # EMA: ema = decay * ema + (1 - decay) * params after every step.
   expected_ema = jax.tree.map(lambda e, p: 0.75 * e + 0.25 * p, s1.ema_params, s2.params)
   assert relative_error(s2.ema_params, expected_ema) < 1e-6

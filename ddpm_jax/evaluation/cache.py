@@ -96,7 +96,8 @@ def load_statistics(path: str, key: Mapping[str, Any]) -> Optional[Tuple[np.ndar
   if not os.path.isfile(path):
     return None
   try:
-    with np.load(path, allow_pickle=False) as z:
+    # Our own file object: np.load leaks the one it opens when the zip is unreadable (a ResourceWarning).
+    with open(path, 'rb') as f, np.load(f, allow_pickle=False) as z:
       mu, sigma, count = np.array(z['mu'], np.float64), np.array(z['sigma'], np.float64), int(z['num_samples'])
       saved_key = json.loads(str(z['key']))
   except Exception as e:  # pylint: disable=broad-except  (a truncated or foreign file: zip, pickle, json errors)
