@@ -404,7 +404,8 @@ def tfds_source(dataset: str, name: str, split: str, data_dir: Optional[str]):
           f'and set config.data.data_dir=DIR')
   missing = []
   if not _tensorflow_available():
-    missing.append('TensorFlow is not installed (TFDS needs it to prepare data, not to read it)')
+    missing.append('TensorFlow is not installed (TFDS needs it to prepare data, not to read it: '
+                   'pip install -r requirements-tfds.txt)')
   elif not _network_available():
     missing.append(f'no network ({_NETWORK_PROBE[0]}:{_NETWORK_PROBE[1]} unreachable in 2 s)')
   if missing:
