@@ -30,6 +30,7 @@ from ddpm_jax import sharding
 from ddpm_jax.evaluation import cache as fid_cache
 from ddpm_jax.evaluation import inception_weights
 from ddpm_jax.evaluation import metrics
+from tests.helpers import random_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOCK_EXAMPLES = 20  # eval batches of 8: 8 + 8 + 4 real examples, the last batch padded with 4 masked ones
@@ -73,27 +74,12 @@ def make_config(fid=False, **overrides):
   return config
 
 
-def random_params(config, seed):
-  """Random U-Net parameters drawn in NumPy from the parameter shapes (no init compile): kernels N(0, 1/fan_in),
-  biases 0, norm scales 1, so the network's output is far from the zero of the original init."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, shape):
-    name = path[-1].key
-    if name == 'scale':
-      return np.ones(shape.shape, np.float32)
-    if name == 'bias':
-      return np.zeros(shape.shape, np.float32)
-    fan_in = max(1, int(np.prod(shape.shape[:-1])))
-    return (rng.standard_normal(shape.shape) / np.sqrt(fan_in)).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(leaf, models.param_shapes(models.create_model(config)))
-
-
 @pytest.fixture(scope='module')
 def params():
   """(params, ema_params), different, so an evaluation of the wrong ones shows."""
   config = test_config.get_config()
-  return random_params(config, 0), random_params(config, 1)
+  model = models.create_model(test_config.get_config())
+  return random_params(model, 0), random_params(model, 1)
 
 
 def save_checkpoint(workdir, params):
@@ -116,17 +102,22 @@ class FakeInception:
     rng = np.random.default_rng(0)
     self.proj = jnp.asarray(rng.standard_normal((32 * 32 * 3, dim)) / 32, jnp.float32)
     self.head = jnp.asarray(5 * rng.standard_normal((dim, classes)), jnp.float32)
-    self.calls = 0
-    self.logits = self._logits
+    self.calls = 0  # batches through `features`
+    self.batches_allowed = None  # raise Interrupt at the batch after this many (None: never)
 
   def features(self, images):
-    assert images.dtype == np.uint8 and images.shape[1:] == (32, 32, 3)
+    if self.batches_allowed is not None and self.calls >= self.batches_allowed:
+      raise Interrupt('features')
     self.calls += 1
+    return self._project(images)
+
+  def logits(self, images):
+    return jnp.dot(self._project(images), self.head, precision=jax.lax.Precision.HIGHEST)
+
+  def _project(self, images):
+    assert images.dtype == np.uint8 and images.shape[1:] == (32, 32, 3)
     x = jnp.asarray(images, jnp.float32).reshape(images.shape[0], -1) / 255.0
     return jnp.dot(x, self.proj, precision=jax.lax.Precision.HIGHEST)
-
-  def _logits(self, images):
-    return jnp.dot(self.features(images), self.head, precision=jax.lax.Precision.HIGHEST)
 
 
 def calc_bpd_loop_fn(config):
@@ -243,6 +234,22 @@ def interrupt_after(monkeypatch, module, name, calls_allowed, counter):
   monkeypatch.setattr(module, name, wrapped)
 
 
+def interrupt_bpd_chunks_after(monkeypatch, calls_allowed, counter):
+  """Counts (and stops after `calls_allowed`) the runs of the compiled bits/dim chunk program."""
+  make_chunk_fn = evaluate.make_bpd_chunk_fn
+
+  def counted_make_chunk_fn(*args, **kwargs):
+    chunk_fn = make_chunk_fn(*args, **kwargs)
+
+    def chunk(*chunk_args):
+      if counter['n'] >= calls_allowed:
+        raise Interrupt('bpd chunk')
+      counter['n'] += 1
+      return chunk_fn(*chunk_args)
+    return chunk
+  monkeypatch.setattr(evaluate, 'make_bpd_chunk_fn', counted_make_chunk_fn)
+
+
 def test_fid_orchestration_and_exact_resume(tmp_path, params, monkeypatch, caplog):
   # TFDS mock splits hold the same examples (and ignore slices like 'train[:12]'): reading only the first 12 train
   # examples makes the two references differ.
@@ -253,8 +260,24 @@ def test_fid_orchestration_and_exact_resume(tmp_path, params, monkeypatch, caplo
                              else kwargs)
   monkeypatch.setattr(input_pipeline, 'create_eval_iterator', iterator_with_short_train_split)
   config = make_config(fid=True)
+
+  def counted_evaluation(workdir, interrupted=None, allowed=10 ** 6):
+    """evaluate(); returns (its results, None if interrupted; what it computed: (bits/dim chunks, network
+    batches, sample batches)). `interrupted` ('bpd', 'features', 'generate') stops it after `allowed` of those."""
+    net, bpd, samples = FakeInception(), {'n': 0}, {'n': 0}
+    if interrupted == 'features':
+      net.batches_allowed = allowed
+    with monkeypatch.context() as m:
+      interrupt_bpd_chunks_after(m, allowed if interrupted == 'bpd' else 10 ** 6, bpd)
+      interrupt_after(m, sampling, 'generate', allowed if interrupted == 'generate' else 10 ** 6, samples)
+      try:
+        results = evaluate.evaluate(config, workdir, inception=net)
+      except Interrupt:
+        results = None
+    return results, (bpd['n'], net.calls, samples['n'])
+
   reference_dir = save_checkpoint(tmp_path / 'uninterrupted', params)
-  expected = evaluate.evaluate(config, reference_dir, inception=FakeInception())
+  expected, work_uninterrupted = counted_evaluation(reference_dir)
 
   # The numbers, recomputed independently: samples as --mode=sample draws them, statistics of whole splits.
   net = FakeInception()
@@ -287,38 +310,32 @@ def test_fid_orchestration_and_exact_resume(tmp_path, params, monkeypatch, caplo
   assert cached[1].startswith('cifar10_train_12_')
 
   # Interrupted in every phase (bits/dim, reference statistics, sample features, sampling), then resumed: each
-  # run does only what the previous ones left (3 bpd batches, 2 + 3 reference batches, 2 sample batches).
+  # run computes only what the previous ones left, so together they do the uninterrupted run's work, no more.
   workdir = save_checkpoint(tmp_path / 'resumed', params)
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg_resumed'))  # a cold cache: the references are computed
   monkeypatch.setattr(evaluate, 'PROGRESS_SAVE_SECONDS', 0.0)
-  targets = {'_bpd_batch': evaluate, '_feature_batch': evaluate, 'generate': sampling}
-  runs = [('_bpd_batch', 2), ('_feature_batch', 1), ('generate', 1), (None, None)]
+  chunks_per_batch = evaluate.bpd_chunks(config.diffusion.num_timesteps)[1]
+  runs = [('bpd', 2 * chunks_per_batch), ('features', 1), ('generate', 1)]  # two bpd batches; one batch each
   done = []
   for interrupted, allowed in runs:
-    with monkeypatch.context() as m:
-      counts = {name: {'n': 0} for name in targets}
-      for name, module in targets.items():
-        interrupt_after(m, module, name, allowed if name == interrupted else 10 ** 6, counts[name])
-      if interrupted is None:
-        resumed = evaluate.evaluate(config, workdir, inception=FakeInception())
-      else:
-        with pytest.raises(Interrupt):
-          evaluate.evaluate(config, workdir, inception=FakeInception())
-      done.append(tuple(counts[name]['n'] for name in targets))
-  # (bpd batches, feature batches, sample batches) per run; the third: 1 train + 3 test reference batches and the
-  # first sample batch; the last: the second sample batch only (reference statistics from the cache).
-  assert done == [(2, 0, 0), (1, 1, 0), (0, 5, 1), (0, 1, 1)]
+    results, work = counted_evaluation(workdir, interrupted, allowed)
+    assert results is None, interrupted  # it was interrupted ...
+    assert work[('bpd', 'features', 'generate').index(interrupted)] == allowed  # ... where it was told to
+    done.append(work)
+  resumed, work = counted_evaluation(workdir)
+  done.append(work)
+  assert tuple(np.sum(done, axis=0)) == work_uninterrupted, (done, work_uninterrupted)
+  assert all(n > 0 for n in work_uninterrupted) and work[0] == 0  # the last run: no bits/dim left to compute
   assert read_json(workdir) == read_json(reference_dir) == json.loads(json.dumps(expected))
   assert resumed == expected
   assert not os.path.exists(os.path.join(workdir, 'eval', f'step_{STEP}.progress'))
   assert not [f for f in os.listdir(os.path.join(workdir, 'eval')) if 'partial' in f]
 
   # Cached reference statistics are reused by the next evaluation, of any run: here a new workdir.
-  counts = {'n': 0}
-  interrupt_after(monkeypatch, evaluate, '_feature_batch', 10 ** 6, counts)
+  net = FakeInception()
   evaluate.evaluate(make_config(fid=True, eval__bpd=False), save_checkpoint(tmp_path / 'another_run', params),
-                    inception=FakeInception())
-  assert counts['n'] == 2  # the two sample batches only
+                    inception=net)
+  assert net.calls == 2  # the network sees the two sample batches only
 
 
 def ddpm_jax_messages(caplog):
