@@ -50,6 +50,9 @@ def _tuples(value: Any) -> Any:
 def read(workdir: str) -> ml_collections.ConfigDict:
   """The config recorded in `workdir`; `UserError` (one line) when it is missing or unreadable."""
   p = path(workdir)
+  if not os.path.isdir(workdir):
+    raise UserError(f'--workdir={workdir} does not exist: train first (--mode=train), or convert released weights '
+                    'with `python -m ddpm_jax.convert`')
   if not os.path.isfile(p):
     raise UserError(f'{p} does not exist: this workdir records no config (trained before configs were recorded?); '
                     'pass the run\'s config with --config')
