@@ -142,10 +142,23 @@ def get_config() -> ml_collections.ConfigDict:
   sample.method = 'ancestral'
   # Timestep respacing: '' (all T steps), '250', 'ddim50', '10,10,10' (improved-diffusion's syntax).
   sample.respacing = ''
+  # diffusers' timestep spacing instead of `respacing`: '' (use `respacing`), 'leading', 'trailing' or 'linspace'
+  # (DDPMScheduler/DDIMScheduler.set_timesteps), with diffusers' sampler conventions; see samplers.py for the table.
+  sample.timestep_spacing = ''
+  # Number of steps for `timestep_spacing` (diffusers' num_inference_steps); unused when timestep_spacing is ''.
+  sample.num_inference_steps = 50
+  # Added to every timestep of the 'leading' spacing (diffusers' steps_offset; ignored by the others, as diffusers).
+  sample.steps_offset = 0
+  # Explicit original timesteps in the order visited, strictly decreasing, e.g. (999, 800, 600, 400, 200, 0)
+  # (diffusers' set_timesteps(timesteps=...)); () = use `timestep_spacing` / `respacing`.
+  sample.timesteps = ()
   # DDIM eta (0 = deterministic).
   sample.eta = 0.0
   # Clip the predicted x_0 to [-1, 1] at every step.
   sample.clip_denoised = True
+  # DDIM with clipping: re-derive eps from the clipped x_0 (True: improved-diffusion, today's numbers) or keep the
+  # network's eps (False: diffusers' DDIMPipeline, use_clipped_model_output=False).
+  sample.use_clipped_model_output = True
   # Number of samples written by --mode=sample.
   sample.num_samples = 64
   # Global batch size for sampling (must divide by the device count).

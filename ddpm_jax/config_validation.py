@@ -29,6 +29,7 @@ T_SAMPLING = diffusion.T_SAMPLINGS
 PARALLELISM = ('jit', 'pmap')  # training.parallelism (train.Trainer)
 DTYPES = tuple(models.DTYPES)
 SAMPLE_METHODS = samplers.METHODS
+TIMESTEP_SPACINGS = samplers.TIMESTEP_SPACINGS
 GROUPNORM_GROUPS = unet.GROUPNORM_GROUPS
 
 
@@ -206,10 +207,27 @@ def _validate_cache_dir(cache_dir: Any) -> None:
 
 
 def _validate_respacing(config: ml_collections.ConfigDict) -> None:
-  if not config.sample.respacing:
+  """sample.respacing / timestep_spacing / num_inference_steps / steps_offset / timesteps (fields recorded before
+  the diffusers ones existed take their defaults, as `samplers.config_respacing`)."""
+  sample = config.sample
+  spacing = sample.get('timestep_spacing', '')
+  _require(spacing in TIMESTEP_SPACINGS, 'sample.timestep_spacing', spacing,
+           f'must be one of {list(TIMESTEP_SPACINGS)} (\'\' = sample.respacing)')
+  timesteps = sample.get('timesteps', None) or ()
+  _require(isinstance(timesteps, (tuple, list)), 'sample.timesteps', timesteps,
+           'must be a tuple of timesteps, e.g. (999, 800, 600, 400, 200, 0), or () for none')
+  clipped_eps = sample.get('use_clipped_model_output', True)
+  _require(isinstance(clipped_eps, bool), 'sample.use_clipped_model_output', clipped_eps,
+           'must be True (improved-diffusion) or False (diffusers DDIMPipeline)')
+  chosen = [f for f, on in (('sample.timesteps', bool(timesteps)), ('sample.timestep_spacing', bool(spacing)),
+                            ('sample.respacing', bool(sample.respacing))) if on]
+  if len(chosen) > 1:
+    _require(False, chosen[0], _get(config, chosen[0]),
+             f'give only one of sample.timesteps, sample.timestep_spacing, sample.respacing (also set: {chosen[1]})')
+  if not chosen:
     return  # all T steps
   try:
-    samplers.space_timesteps(config.diffusion.num_timesteps, config.sample.respacing)
+    samplers.space_timesteps(config.diffusion.num_timesteps, samplers.config_respacing(sample))
   except ValueError as e:
     message = str(e)
     raise ConfigError(message if message.startswith('config.') else f'config.{message}') from None

@@ -113,17 +113,19 @@ def reverse_chain(config: ml_collections.ConfigDict, net: Network, shape: Sequen
   @jax.jit
   def run(params, labels, rng):
     return samplers.sample(diffusion, net.make_model_fn(params, labels), tuple(shape), rng, method=cfg.method,
-                           respacing=cfg.respacing, eta=cfg.eta, clip_denoised=cfg.clip_denoised,
-                           num_progress=num_progress)
+                           respacing=samplers.config_respacing(cfg), eta=cfg.eta, clip_denoised=cfg.clip_denoised,
+                           num_progress=num_progress,
+                           use_clipped_model_output=cfg.get('use_clipped_model_output', True))
 
   final, progress = run(net.params, _labels(labels), rng)
-  ts = [int(t) for t in samplers.progress_timesteps(diffusion, cfg.respacing, num_progress)]
+  ts = [int(t) for t in samplers.progress_timesteps(diffusion, samplers.config_respacing(cfg), num_progress)]
   return np.asarray(final), np.asarray(progress), ts
 
 
 def sampler_process(config: ml_collections.ConfigDict) -> diffusion_lib.Diffusion:
-  """The process `config.sample`'s sampler walks: the configured diffusion respaced by `sample.respacing`."""
-  return samplers.respace(diffusion_lib.from_config(config.diffusion), config.sample.respacing)
+  """The process `config.sample`'s sampler walks: the configured diffusion respaced as `config.sample` asks
+  (`samplers.config_respacing`)."""
+  return samplers.respace(diffusion_lib.from_config(config.diffusion), samplers.config_respacing(config.sample))
 
 
 def nearest_step(process: diffusion_lib.Diffusion, t_index: int) -> int:
@@ -153,7 +155,8 @@ def complete_from(config: ml_collections.ConfigDict, net: Network, process: diff
       return samplers.p_sample_step(process, out, x, t, noise, clip_denoised=cfg.clip_denoised)[0]
   else:
     def step_fn(out, x, t, noise):
-      return samplers.ddim_step(process, out, x, t, noise, eta=cfg.eta, clip_denoised=cfg.clip_denoised)[0]
+      return samplers.ddim_step(process, out, x, t, noise, eta=cfg.eta, clip_denoised=cfg.clip_denoised,
+                                use_clipped_model_output=cfg.get('use_clipped_model_output', True))[0]
   timestep_map = jnp.asarray(process.timestep_map, jnp.int32)
   image_shape = tuple(x_start.shape[1:])
 

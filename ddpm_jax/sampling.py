@@ -81,8 +81,9 @@ def make_sample_fn(config: ml_collections.ConfigDict, model, diffusion: diffusio
 
   def sample(params, rng, labels):
     model_fn = sampling_model_fn(config, model, params, labels)
-    return samplers.sample(diffusion, model_fn, shape, rng, method=cfg.method, respacing=cfg.respacing,
-                           eta=cfg.eta, clip_denoised=cfg.clip_denoised)
+    return samplers.sample(diffusion, model_fn, shape, rng, method=cfg.method,
+                           respacing=samplers.config_respacing(cfg), eta=cfg.eta, clip_denoised=cfg.clip_denoised,
+                           use_clipped_model_output=cfg.get('use_clipped_model_output', True))
 
   return jax.jit(sample, in_shardings=(sharding.replicated(mesh), sharding.replicated(mesh),
                                        sharding.batch_sharded(mesh)),
