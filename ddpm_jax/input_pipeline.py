@@ -77,8 +77,6 @@ BadImageError = sources.BadImageError
 
 VALID_DATASETS = ('cifar10', 'celeb_a', 'celeb_a_hq', 'lsun/church_outdoor', 'lsun/bedroom', 'lsun/cat', 'mnist',
                   'fashion_mnist', 'folder', 'mnist5k')
-# Name of the orbax `CheckpointManager` item that holds the training iterator state (see DESIGN.md).
-DATA_CHECKPOINT_ITEM = 'data'
 _CELEB_A_HQ_RESOLUTIONS = (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
 _CELEB_A_CROP = 140
 
@@ -550,7 +548,7 @@ class _IteratorStateSnapshot:
 
 
 def checkpoint_save_args(iterator: grain.PyGrainDatasetIterator) -> grain.PyGrainCheckpointSave:
-  """orbax save args for the training iterator (an item of `ocp.args.Composite`, named DATA_CHECKPOINT_ITEM).
+  """orbax save args for the training iterator (the `checkpointing.DATA_ITEM` item of the step).
 
   The state is captured now, so `next(iterator)` calls after this cannot leak into the checkpoint. Save it together
   with the train state of the step that consumed the last batch taken from `iterator`.
