@@ -69,7 +69,8 @@ def parse_flags(argv):
       named = [o for o in overrides if key in o[len('--config.'):].split('.')]
       if named:
         _fail(f'{" / ".join(named)}: the config from --config={_config_arg(argv)} has no field {key!r}'
-              f'{" (" + hint + ")" if hint else ""}; every field is listed, with what it does, in configs/default.py')
+              f'{" (" + hint + ")" if hint else ""}; every field is listed, with what it does, in '
+              'ddpm_jax/default_config.py')
     _config_file_error(argv, e)
 
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from ddpm_jax import atomic_write
 from ddpm_jax import config_validation
+from ddpm_jax import default_config
 from ddpm_jax import errors
 from ddpm_jax import torch_checkpoint
 
@@ -340,7 +341,8 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model) -> Dict[str,
       params[ours] = conv.resnet(theirs, has_shortcut=f'{ours}/nin_shortcut/kernel' in expected)
     else:
       params[ours] = getattr(conv, kind)(theirs)
-  flat = {k: v for k, v in traverse_util.flatten_dict(params, sep='/').items() if v is not None}
+  converted = traverse_util.flatten_dict(params, sep='/')  # None where a tensor was missing
+  flat = {k: v for k, v in converted.items() if v is not None}
 
   problems = []
   if conv.missing:
@@ -348,7 +350,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model) -> Dict[str,
   unexpected = set(state) - conv.used
   if unexpected:
     problems.append(f'unexpected in the checkpoint: {_listing(unexpected)}')
-  unfilled = set(expected) - set(traverse_util.flatten_dict(params, sep='/'))  # only if the mapping above forgot a module
+  unfilled = set(expected) - set(converted)  # only if the mapping above forgot a module
   if unfilled:
     problems.append(f'model parameters not filled: {_listing(unfilled)}')
   extra = set(flat) - set(expected)
@@ -391,14 +393,13 @@ def convert_checkpoint(checkpoint_dir: str, workdir: str, step: int = 0,
                        base_config: Optional[ml_collections.ConfigDict] = None) -> ml_collections.ConfigDict:
   """Converts a diffusers checkpoint into `workdir`: an inference checkpoint at `step` plus `config.json`.
 
-  `base_config` (default: configs/default.py) supplies everything the checkpoint does not say (dataset, sampling
+  `base_config` (default: `ddpm_jax.default_config`) supplies everything the checkpoint does not say (dataset, sampling
   and evaluation settings); its model fields are replaced by the checkpoint's, with a warning where they differ.
   Returns the written config.
   """
   from ddpm_jax import checkpointing  # pylint: disable=g-import-not-at-top
   if base_config is None:
-    from configs import default  # pylint: disable=g-import-not-at-top
-    base_config = default.get_config()
+    base_config = default_config.get_config()
   params, overrides = load_diffusers_checkpoint(checkpoint_dir)
   config = apply_overrides(base_config, overrides)
   changed = [f'{s}.{k}: {base_config[s][k]!r} -> {config[s][k]!r}' for s in ('model', 'data')

@@ -179,7 +179,7 @@ def make_diffusion(betas: np.ndarray, *, mean_type: str = 'eps', var_type: str =
 
 
 def from_config(config: Any, dtype: Any = jnp.float32) -> Diffusion:
-  """The `Diffusion` described by the `config.diffusion` section (see configs/default.py)."""
+  """The `Diffusion` described by the `config.diffusion` section (see ddpm_jax/default_config.py)."""
   betas = schedules.get_betas(config.schedule, config.num_timesteps, beta_start=config.beta_start,
                               beta_end=config.beta_end)
   return make_diffusion(betas, mean_type=config.mean_type, var_type=config.var_type, loss_type=config.loss_type,

@@ -217,10 +217,11 @@ def test_learned_variance_and_padded_configs():
 def test_command_writes_a_restorable_workdir_without_torch(small_net, tmp_path, capsys):
   ckpt, workdir = tmp_path / 'ddpm-small', tmp_path / 'work'
   _save(small_net, ckpt, safe=False)  # .bin: the torch-free reader must handle it
-  code = ('import sys; sys.modules["torch"] = None; from ddpm_jax import convert; '
+  # Neither torch nor the repository's configs/ importable: the library stands on its own.
+  code = ('import sys; sys.modules["torch"] = sys.modules["configs"] = None; from ddpm_jax import convert; '
           f'sys.exit(convert.main(["--checkpoint", {str(ckpt)!r}, "--out", {str(workdir)!r}, "--step", "7"]))')
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True, text=True,
+  proc = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=env, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr
   assert 'checkpoints/7' in proc.stdout
@@ -241,6 +242,15 @@ def test_command_writes_a_restorable_workdir_without_torch(small_net, tmp_path, 
   config_validation.validate_config(config)
   shapes = models.param_shapes(models.create_model(config))
   assert jax.tree_util.tree_map(lambda s: s.shape, shapes) == jax.tree_util.tree_map(np.shape, params)
+
+  # A config file and an override, as main.py takes them: the written config carries both.
+  other = tmp_path / 'work_quickstart'
+  assert convert.main(['--checkpoint', str(ckpt), '--out', str(other), '--config', os.path.join(REPO, 'configs',
+                       'quickstart.py'), '--config.eval.num_samples=123']) == 0
+  with open(other / 'config.json') as f:
+    written = json.load(f)
+  assert written['training']['num_steps'] == 2800 and written['eval']['num_samples'] == 123
+  capsys.readouterr()
 
   # Bad directories: one line on stderr, exit status 2, nothing written.
   for bad in (str(tmp_path / 'nope'), str(tmp_path)):
