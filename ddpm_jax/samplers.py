@@ -34,11 +34,13 @@ Which timesteps are visited (`respacing`), and the names diffusers 0.42 (DDPMSch
   clip_denoised                                     clip_sample (clip_sample_range=1)
   eta                                               DDIMPipeline's eta
 
-With `DiffusersSpacing` (sample.timestep_spacing) the two samplers also take diffusers' choices where they differ
-from improved-diffusion's: DDIM steps from t to t - T // N (DDIMScheduler's previous timestep, which for
-'linspace', and 'trailing' with N not dividing T, is not the next visited timestep), and the ancestral sampler adds
-noise at the last step when its timestep is not 0 (DDPMScheduler adds noise whenever t > 0: sqrt(beta'_t) for
-fixedlarge, 1e-10 for fixedsmall). tests/test_diffusers_pipelines.py checks both against the diffusers pipelines.
+With `DiffusersSpacing` (sample.timestep_spacing) or `ExplicitTimesteps` (sample.timesteps) the samplers also take
+diffusers' choices where they differ from improved-diffusion's: the ancestral sampler adds noise at the last step
+when its timestep is not 0 (DDPMScheduler adds noise whenever t > 0: sqrt(beta'_t) for fixedlarge, 1e-10 for
+fixedsmall; learned variances keep the noiseless last step), and with `DiffusersSpacing` DDIM steps from t to
+t - T // N (DDIMScheduler's previous timestep, which for 'linspace', and 'trailing' with N not dividing T, is not the
+next visited timestep). DDIMScheduler takes no explicit timesteps; with `ExplicitTimesteps` DDIM steps to the next
+listed one. tests/test_diffusers_pipelines.py checks these against the diffusers pipelines.
 
 The step functions take an index into the respaced process, `model_fn` sees original timesteps:
 `index_to_timestep` and `timestep_to_index` map between the two.
