@@ -35,3 +35,14 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
   assert path.read_text() == 'old' and os.listdir(tmp_path) == ['config.json']
   atomic_write(str(path), lambda tmp: pathlib.Path(tmp).write_text('new'))
   assert path.read_text() == 'new' and os.listdir(tmp_path) == ['config.json']
+
+
+def test_each_write_has_its_own_temporary_file_with_the_usual_permissions(tmp_path):
+  # Two processes writing the same cache file at once must not write into one temporary file.
+  names = []
+  for text in ('first', 'second'):
+    atomic_write(str(tmp_path / 'stats.npz'), lambda tmp, t=text: names.append(tmp) or pathlib.Path(tmp).write_text(t))
+  assert names[0] != names[1] and all(n.endswith('.npz') and os.path.dirname(n) == str(tmp_path) for n in names)
+  assert (tmp_path / 'stats.npz').read_text() == 'second'
+  (tmp_path / 'plain.txt').write_text('x')  # what open() gives: 0666 less the umask, not mkstemp's private 0600
+  assert os.stat(tmp_path / 'stats.npz').st_mode == os.stat(tmp_path / 'plain.txt').st_mode
