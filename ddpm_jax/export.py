@@ -153,10 +153,11 @@ def limitations(config: ml_collections.ConfigDict) -> List[str]:
                  f'= the null label of classifier-free guidance), but DDPMPipeline passes no labels and cannot '
                  'sample it, and no diffusers pipeline for UNet2DModel does classifier-free guidance '
                  f'(sample.guidance_scale={config.sample.get("guidance_scale", 0.0)} is not exported)')
-  method, respacing = config.sample.get('method', 'ancestral'), config.sample.get('respacing', '')
-  if method != 'ancestral' or respacing:
-    notes.append(f'sample.method={method!r} / sample.respacing={respacing!r} are sampling choices, not part of the '
-                 'folder: DDPMPipeline samples ancestrally; pass num_inference_steps, or swap in a DDIMScheduler')
+  chosen = [f'sample.{k}={config.sample.get(k)!r}' for k, default in (('method', 'ancestral'), ('respacing', ''))
+            if config.sample.get(k, default) != default]
+  if chosen:
+    notes.append(f'{" and ".join(chosen)}: sampling choices, not part of the folder (DDPMPipeline samples '
+                 'ancestrally; pass it num_inference_steps, or swap in a DDIMScheduler for DDIM)')
   return notes
 
 

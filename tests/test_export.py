@@ -195,7 +195,7 @@ def test_bad_flags_missing_config_and_occupied_output_are_one_line(tmp_path, cap
       (['--workdir', workdir, '--out', str(tmp_path / 'x'), '--step=-1'], '--step'),
       (['--workdir', workdir, '--out', str(tmp_path / 'x'), '--colour=blue'], 'colour'),
       (['--workdir', workdir, '--out', str(tmp_path / 'x'), 'stray'], 'unexpected arguments'),
-      (['--workdir', str(tmp_path / 'nothing'), '--out', str(tmp_path / 'x')], 'config.json does not exist'),
+      (['--workdir', str(tmp_path / 'nothing'), '--out', str(tmp_path / 'x')], 'nothing does not exist'),
       (['--workdir', workdir, '--out', str(tmp_path / 'x'), '--step=3'], 'no checkpoint for step 3'),
       (['--workdir', workdir, '--out', str(tmp_path / 'taken')], 'already exists and is not an empty directory'),
   ]
