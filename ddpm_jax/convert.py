@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pathlib
 import re
 import sys
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
@@ -32,11 +31,12 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from ddpm_jax import atomic_write
 from ddpm_jax import config_validation
 from ddpm_jax import default_config
+from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import errors
 from ddpm_jax import torch_checkpoint
+from ddpm_jax import workdir_config
 
 WEIGHT_NAMES = ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.bin')
 SCHEDULER_CONFIGS = ('scheduler_config.json', os.path.join('scheduler', 'scheduler_config.json'))
@@ -208,9 +208,9 @@ def apply_overrides(config: ml_collections.ConfigDict,
         key = 'pad_to'
       config[section][key] = value
   learned = config.model.learned_variance
-  if learned is False and config.diffusion.var_type in ('learned', 'learned_range'):
+  if learned is False and diffusion_lib.learns_variance(config.diffusion.var_type):
     config.diffusion.var_type = 'fixedlarge'  # a C-channel network has no variance output (the paper's choice)
-  if learned and config.diffusion.loss_type not in ('kl', 'hybrid', 'rescaled_kl'):
+  if learned and config.diffusion.loss_type not in diffusion_lib.BOUND_LOSS_TYPES:
     config.diffusion.loss_type = 'hybrid'  # the only losses that train a learned variance (validation requires it)
   return config
 
@@ -412,8 +412,7 @@ def convert_checkpoint(checkpoint_dir: str, workdir: str, step: int = 0,
   config_validation.validate_config(config)  # one-line ConfigError before anything is written
   os.makedirs(workdir, exist_ok=True)
   checkpointing.save_inference_checkpoint(workdir, step, params, params)  # released weights are the EMA ones
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  atomic_write.atomic_write(os.path.join(workdir, 'config.json'), lambda tmp: pathlib.Path(tmp).write_text(text))
+  workdir_config.write(config, workdir)  # what --mode=sample|eval read when no --config is given
   return config
 
 

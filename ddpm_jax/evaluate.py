@@ -533,7 +533,7 @@ def _count(n: int, singular: str, plural: str) -> str:
 def sampler_description(config: ml_collections.ConfigDict, diffusion: diffusion_lib.Diffusion) -> str:
   """`ancestral, 100 of 1000 steps`, `ddim eta=0, 50 of 1000 steps, guidance 3`: what one FID sample costs."""
   s, num_t = config.sample, diffusion.num_timesteps
-  steps = len(samplers.space_timesteps(num_t, s.respacing)) if s.respacing else num_t
+  steps = samplers.num_sampling_steps(num_t, s)
   text = s.method + (f' eta={s.eta:g}' if s.method == 'ddim' else '') + f', {steps} of {num_t} steps'
   return text + (f', guidance {s.guidance_scale:g}' if s.guidance_scale > 0 else '')
 
@@ -607,7 +607,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, inception: Any 
     protocol['bpd_details'] = {
         'split': config.data.eval_split, 'num_examples': results['bpd_terms']['num_examples'],
         'batch_size': cfg.bpd_batch_size, 'clip_denoised': True, 'num_timesteps': diffusion.num_timesteps,
-        'noise': f'fresh per timestep and batch: fold_in(fold_in(fold_in(key(seed), {random_streams.STREAM_IDS["bpd"]}), batch), t)',
+        'noise': ('fresh per timestep and batch: fold_in(fold_in(fold_in(key(seed), '
+                  f'{random_streams.STREAM_IDS["bpd"]}), batch), t)'),
         'labels': 'true labels (conditional bound)' if config.model.num_classes else None,
         'rate_distortion': 'Ho et al. 2020 Sec. 4.3: rate = L_T + sum_{k>=t} L_k, distortion = sum_{k<t} L_k; '
                            'rmse of x0_hat(x_t) on [0, 255]'}
@@ -617,9 +618,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, inception: Any 
     results.update(fid_results)
     protocol.update(fid_protocol)
     s = config.sample
-    protocol['sampler'] = {'method': s.method, 'respacing': s.respacing, 'eta': s.eta,
-                           'clip_denoised': s.clip_denoised, 'guidance_scale': s.guidance_scale,
-                           'class_label': s.class_label, 'batch_size': s.batch_size,
+    protocol['sampler'] = {**samplers.sampler_settings(s), 'batch_size': s.batch_size,
                            'num_timesteps': diffusion.num_timesteps}
   results['protocol'] = protocol
 

@@ -156,13 +156,12 @@ class _Run:
   def sampler_info(self) -> Dict[str, Any]:
     s = self.config.sample
     return {'checkpoint_step': self.checkpoint_step, 'params': 'EMA',
-            **{k: s[k] for k in ('method', 'respacing', 'eta', 'clip_denoised', 'guidance_scale', 'class_label')}}
+            **samplers.sampler_settings(s)}
 
   def chain(self):
     """(samples, x0_hat per recorded step, recorded code timesteps) of `num_images` reverse chains."""
     if self._chain is None:
-      num_steps = samplers.respace(diffusion_lib.from_config(self.config.diffusion),
-                                   self.config.sample.respacing).num_timesteps
+      num_steps = samplers.num_sampling_steps(self.config.diffusion.num_timesteps, self.config.sample)
       num_progress = max(1, min(self.opts.num_progress, num_steps))
       shape = (self.opts.num_images,) + models.image_shape(self.config)
       labels = sampling.sample_labels(self.config, self.opts.num_images)

@@ -62,9 +62,9 @@ def training_losses(diffusion: Diffusion, model_fn: ModelFn, x_start: Array, t: 
 
   Returns:
     dict of (B,) arrays: 'loss' (unweighted: feed it to `update_timestep_sampler`, and minimise its mean weighted
-    by `sample_timesteps`' importance weights 1 / (T p_t)), 'mse' (L_simple term), 'l1' (mean absolute error on the same target), 'huber'
-    (mean Huber loss, delta 1, on the same target), 'vb' (the bound term L_{t-1} in bits/dim, unscaled; zeros
-    when the loss does not need it).
+    by `sample_timesteps`' importance weights 1 / (T p_t)), 'mse' (L_simple term), 'l1' (mean absolute error on
+    the same target), 'huber' (mean Huber loss, delta 1, on the same target), 'vb' (the bound term L_{t-1} in
+    bits/dim, unscaled; zeros when the loss does not need it).
   """
   loss_type = diffusion.loss_type
   x_t = diffusion_lib.q_sample(diffusion, x_start, t, noise)

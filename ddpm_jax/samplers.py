@@ -113,6 +113,21 @@ def config_respacing(sample_config: Any) -> Respacing:
   return sample_config.respacing
 
 
+# The `config.sample` fields that define the reverse process a sample comes from (recorded with results).
+SAMPLER_FIELDS = ('method', 'respacing', 'timestep_spacing', 'num_inference_steps', 'steps_offset', 'timesteps',
+                  'eta', 'clip_denoised', 'use_clipped_model_output', 'guidance_scale', 'class_label')
+
+
+def sampler_settings(sample_config: Any) -> dict:
+  """`SAMPLER_FIELDS` of a `config.sample` section (fields a recorded config predates are left out)."""
+  return {k: sample_config[k] for k in SAMPLER_FIELDS if k in sample_config}
+
+
+def num_sampling_steps(num_timesteps: int, sample_config: Any) -> int:
+  """How many network evaluations (per sample, without guidance) the reverse chain of `sample_config` takes."""
+  return len(space_timesteps(num_timesteps, config_respacing(sample_config)))
+
+
 def _is_int(value: Any) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 

@@ -28,6 +28,7 @@ from ddpm_jax import images as images_lib
 from ddpm_jax import input_pipeline
 from ddpm_jax import models
 from ddpm_jax import random_streams
+from ddpm_jax import samplers
 from ddpm_jax import sampling
 from ddpm_jax import sharding
 from ddpm_jax import tensorboard_writer
@@ -327,7 +328,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> train_state_lib.T
 def _write_sample_grid(config, trainer: Trainer, sample_fn, writer, workdir: str, step: int) -> None:
   logging.info('Step %d: drawing %d samples from the EMA parameters (%s sampler, %s steps)...', step,
                config.sample.batch_size, config.sample.method,
-               config.sample.respacing or config.diffusion.num_timesteps)
+               samplers.num_sampling_steps(config.diffusion.num_timesteps, config.sample))
   labels = sampling.sample_labels(config, config.sample.batch_size)
   rng = jax.random.fold_in(random_streams.stream(config.seed, 'sample'), step)
   samples = sampling.generate(sample_fn, trainer.host_state().ema_params, rng, labels, trainer.mesh,

@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from configs import test as test_config
 from ddpm_jax import errors
 from ddpm_jax import run
 from ddpm_jax import workdir_lock

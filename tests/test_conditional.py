@@ -33,7 +33,6 @@ from ddpm_jax import samplers
 from ddpm_jax import sampling
 from ddpm_jax import sharding
 from ddpm_jax import run
-from ddpm_jax import train
 from ddpm_jax import train_state as train_state_lib
 from tests.helpers import random_params
 

@@ -77,7 +77,6 @@ def make_config(fid=False, **overrides):
 @pytest.fixture(scope='module')
 def params():
   """(params, ema_params), different, so an evaluation of the wrong ones shows."""
-  config = test_config.get_config()
   model = models.create_model(test_config.get_config())
   return random_params(model, 0), random_params(model, 1)
 
@@ -360,10 +359,10 @@ def test_evaluation_logs_its_plan_progress_with_eta_and_where_results_went(tmp_p
   # chunk; the first includes compilation), and across reference and sample batches.
   duration = r'(\d+h)?(\d+m)?[0-9.]+s'
   expected = [rf'bits/dim: batch 1/1, timesteps 14/20, [0-9.]+ timesteps/s, ETA {duration}$',
-              rf'bits/dim: batch 1/1 done, running bpd [0-9.]+, [0-9.]+ timesteps/s, ETA 0\.0s$',
+              r'bits/dim: batch 1/1 done, running bpd [0-9.]+, [0-9.]+ timesteps/s, ETA 0\.0s$',
               rf'FID reference statistics of train: batch 2/3, [^,]+/s.*, ETA {duration}$',
               r'FID reference statistics of test: batch 3/3, [^,]+, ETA 0\.0s$',
-              rf'FID samples: batch 2/2, [^,]+, ETA 0\.0s$']
+              r'FID samples: batch 2/2, [^,]+, ETA 0\.0s$']
   for pattern in expected:
     assert any(re.match(pattern, line) for line in lines), (pattern, lines)
   assert lines[-1].startswith(f'Evaluation of step 2 written to {os.path.join(eval_dir, "step_2.json")}: ')

@@ -10,11 +10,12 @@ import pytest
 from configs import test as test_config
 from ddpm_jax import checkpointing
 from ddpm_jax import errors
+from ddpm_jax import models
 from ddpm_jax import run
 from ddpm_jax import sampling
 from ddpm_jax import workdir_config
 from tests.helpers import assert_one_line_error
-from tests.test_evaluate import random_params
+from tests.helpers import random_params
 
 STEP = 3
 
@@ -23,7 +24,8 @@ STEP = 3
 def workdir(tmp_path_factory):
   config = test_config.get_config()
   path = str(tmp_path_factory.mktemp('sampling'))
-  checkpointing.save_inference_checkpoint(path, STEP, random_params(config, 0), random_params(config, 1))
+  model = models.create_model(config)
+  checkpointing.save_inference_checkpoint(path, STEP, random_params(model, 0), random_params(model, 1))
   return path
 
 
@@ -68,7 +70,8 @@ def test_samples_use_the_ema_params(workdir):
   raw_dir = os.path.join(workdir, 'raw')
   config = test_config.get_config()
   # The same checkpoint with the EMA params swapped for the raw ones gives other samples.
-  checkpointing.save_inference_checkpoint(raw_dir, STEP, random_params(config, 1), random_params(config, 0))
+  model = models.create_model(config)
+  checkpointing.save_inference_checkpoint(raw_dir, STEP, random_params(model, 1), random_params(model, 0))
   swapped = sampling.sample_and_export(make_config(8), raw_dir)
   with np.load(os.path.join(swapped, 'samples.npz')) as z:
     assert np.mean(z['images'] != images) > 0.5
@@ -78,7 +81,8 @@ def test_a_workdir_samples_with_the_config_it_records(workdir, tmp_path):
   # The recording (as training or convert writes it) is all `--mode=sample --workdir=W` needs.
   recorded_dir = str(tmp_path / 'recorded')
   config = test_config.get_config()
-  checkpointing.save_inference_checkpoint(recorded_dir, STEP, random_params(config, 0), random_params(config, 1))
+  model = models.create_model(config)
+  checkpointing.save_inference_checkpoint(recorded_dir, STEP, random_params(model, 0), random_params(model, 1))
   workdir_config.write(make_config(5), recorded_dir)
   run.run('sample', None, recorded_dir)
   with np.load(os.path.join(recorded_dir, 'samples', f'step_{STEP}', 'samples.npz')) as z:

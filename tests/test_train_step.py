@@ -89,7 +89,8 @@ def test_pmap_applies_the_jit_update_given_the_same_draws(setup):
   draws_axes = ts.StepDraws(t=0, weights=0, noise=0, drop_label=0, dropout=None)
   pmapped = jax.pmap(functools.partial(apply, axis_name='b'), axis_name='b', devices=devices,
                      in_axes=(0, 0, draws_axes))
-  pmap_state, pmap_metrics = pmapped(replicated, shard(batch), draws.replace(**shard({k: getattr(draws, k) for k in ('t', 'weights', 'noise', 'drop_label')})))
+  per_example = shard({k: getattr(draws, k) for k in ('t', 'weights', 'noise', 'drop_label')})
+  pmap_state, pmap_metrics = pmapped(replicated, shard(batch), draws.replace(**per_example))
   pmap_state = jax.tree.map(lambda x: x[0], pmap_state)
 
   assert relative_error(pmap_state.params, jit_state.params) < 1e-5
