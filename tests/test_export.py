@@ -128,6 +128,11 @@ def test_exported_model_computes_our_outputs_and_loads_as_a_pipeline(tmp_path):
   assert _ours_vs_diffusers(model, ema_params, ema_unet, x, t) <= 1e-5  # the default is the EMA parameters
   assert _ours_vs_diffusers(model, params, raw_unet, x, t) <= 1e-5
   assert _ours_vs_diffusers(model, params, ema_unet, x, t) > 0.1  # (the two sets differ)
+  # ...and the converter reads the folder back to the very same parameters and diffusion.
+  back, overrides = convert.load_diffusers_checkpoint(str(tmp_path / 'ema'))
+  same = jax.tree.map(lambda a, b: a.dtype == b.dtype and np.array_equal(a, b), back, ema_params)
+  assert all(jax.tree_util.tree_leaves(same))
+  assert overrides['diffusion']['schedule'] == 'cosine' and overrides['model']['ch_mult'] == (1, 2)
 
   pipe = DDPMPipeline.from_pretrained(tmp_path / 'ema')
   assert isinstance(pipe.unet, UNet2DModel) and isinstance(pipe.scheduler, DDPMScheduler)
