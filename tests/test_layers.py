@@ -4,6 +4,7 @@ imports a module just for one of its exception classes (those live in `ddpm_jax.
 import ast
 import importlib
 import os
+import pathlib
 import pkgutil
 
 import pytest
@@ -37,7 +38,7 @@ def _top(module: str) -> str:
 def _imports(module: str) -> dict[str, set[str]]:
   """{imported ddpm_jax module: names used from it} for `module`'s source ('*' = the module itself is bound)."""
   path = importlib.util.find_spec(module).origin
-  tree = ast.parse(open(path).read())
+  tree = ast.parse(pathlib.Path(path).read_text())
   out: dict[str, set[str]] = {}
   bound: dict[str, str] = {}
   for node in ast.walk(tree):
