@@ -35,6 +35,7 @@ from ddpm_jax import config_validation
 from ddpm_jax import default_config
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import errors
+from ddpm_jax import schedules
 from ddpm_jax import torch_checkpoint
 from ddpm_jax import workdir_config
 
@@ -56,7 +57,11 @@ DIFFUSERS_UNET2D_DEFAULTS = {
 }
 
 # diffusers DDPMScheduler beta_schedule -> our diffusion.schedule (scaled_linear is the original code's 'quad').
-_SCHEDULES = {'linear': 'linear', 'scaled_linear': 'quad', 'squaredcos_cap_v2': 'cosine'}
+DIFFUSERS_SCHEDULES = {'linear': 'linear', 'scaled_linear': 'quad', 'squaredcos_cap_v2': 'cosine'}
+# diffusers' scheduler names -> ours (export.py inverts them). Fixed variance types (the *_log ones are the same variance computed in log space).
+DIFFUSERS_FIXED_VARIANCES = {'fixed_small': 'fixedsmall', 'fixed_small_log': 'fixedsmall', 'fixed_large': 'fixedlarge',
+                             'fixed_large_log': 'fixedlarge'}
+DIFFUSERS_PREDICTION_TYPES = {'epsilon': 'eps', 'sample': 'xstart', 'v_prediction': 'v'}
 
 
 class ConversionError(errors.UserError, ValueError):
@@ -178,21 +183,60 @@ def model_overrides_from_diffusers(unet_config: Mapping[str, Any],
   }  # dropout is a training setting, not part of the network: the base config keeps its own
   overrides = {'model': model, 'data': {'image_size': sample_size, 'num_channels': in_ch}, 'diffusion': {}}
 
-  sched = dict(scheduler_config or {})
-  diffusion = overrides['diffusion']
-  if sched.get('trained_betas') is None and sched.get('beta_schedule') in _SCHEDULES:
-    diffusion['schedule'] = _SCHEDULES[sched['beta_schedule']]
-    for src, dst in (('num_train_timesteps', 'num_timesteps'), ('beta_start', 'beta_start'),
-                     ('beta_end', 'beta_end')):
-      if src in sched:
-        diffusion[dst] = sched[src]
-  elif sched:
-    logging.warning('scheduler beta_schedule=%r is not one of ours; keeping the configured schedule',
-                    sched.get('beta_schedule'))
-  if learned:
-    # The variance output is only meaningful with a learned var_type; fixed_* schedulers do not say which.
-    diffusion['var_type'] = 'learned' if sched.get('variance_type') == 'learned' else 'learned_range'
+  overrides['diffusion'] = diffusion_overrides_from_scheduler(scheduler_config or {}, learned)
+  if scheduler_config and 'clip_sample' in scheduler_config:
+    overrides['sample'] = {'clip_denoised': bool(scheduler_config['clip_sample'])}
   return overrides
+
+
+def diffusion_overrides_from_scheduler(sched: Mapping[str, Any], learned: bool) -> Dict[str, Any]:
+  """Our `config.diffusion` fields for a diffusers DDPMScheduler/DDIMScheduler config ({} when there is none).
+
+  Maps beta_schedule (with num_train_timesteps, beta_start, beta_end; `trained_betas` when they equal one of our
+  schedules), variance_type and prediction_type; raises ConversionError naming the setting it cannot represent.
+  """
+  if not sched:
+    return {}
+  diffusion: Dict[str, Any] = {}
+  for src, dst in (('num_train_timesteps', 'num_timesteps'), ('beta_start', 'beta_start'), ('beta_end', 'beta_end')):
+    if src in sched:
+      diffusion[dst] = sched[src]
+  bad = []
+  if sched.get('trained_betas') is not None:
+    betas = np.asarray(sched['trained_betas'], np.float64)
+    matches = [name for name in schedules.SCHEDULES if len(betas) == diffusion.get('num_timesteps', len(betas)) and
+               np.allclose(schedules.get_betas(name, len(betas), diffusion.get('beta_start', 1e-4),
+                                               diffusion.get('beta_end', 0.02)), betas, rtol=1e-6, atol=0)]
+    if matches:
+      diffusion['schedule'], diffusion['num_timesteps'] = matches[0], len(betas)
+    else:
+      bad.append(f'trained_betas ({len(betas)} values, none of our schedules {list(schedules.SCHEDULES)})')
+  elif 'beta_schedule' in sched:
+    if sched['beta_schedule'] in DIFFUSERS_SCHEDULES:
+      diffusion['schedule'] = DIFFUSERS_SCHEDULES[sched['beta_schedule']]
+    else:
+      bad.append(f'beta_schedule={sched["beta_schedule"]!r} (need one of {sorted(DIFFUSERS_SCHEDULES)})')
+  variance = sched.get('variance_type', 'fixed_small')
+  if learned:
+    # A 2C-channel network: 'learned' reads the output as a log-variance, anything else as improved DDPM's range.
+    diffusion['var_type'] = 'learned' if variance == 'learned' else 'learned_range'
+  elif variance in DIFFUSERS_FIXED_VARIANCES:
+    diffusion['var_type'] = DIFFUSERS_FIXED_VARIANCES[variance]
+  else:
+    bad.append(f'variance_type={variance!r} for a network with no variance output (need one of '
+               f'{sorted(DIFFUSERS_FIXED_VARIANCES)})')
+  prediction = sched.get('prediction_type', 'epsilon')
+  if prediction in DIFFUSERS_PREDICTION_TYPES:
+    diffusion['mean_type'] = DIFFUSERS_PREDICTION_TYPES[prediction]
+  else:
+    bad.append(f'prediction_type={prediction!r} (need one of {sorted(DIFFUSERS_PREDICTION_TYPES)})')
+  if sched.get('thresholding'):
+    bad.append('thresholding=True (dynamic thresholding is not implemented)')
+  if sched.get('clip_sample', True) and float(sched.get('clip_sample_range', 1.0)) != 1.0:
+    bad.append(f'clip_sample_range={sched["clip_sample_range"]!r} (need 1.0: samples are clipped to [-1, 1])')
+  if bad:
+    raise ConversionError('unsupported diffusers scheduler config: ' + '; '.join(bad))
+  return diffusion
 
 
 def apply_overrides(config: ml_collections.ConfigDict,
@@ -394,7 +438,8 @@ def convert_checkpoint(checkpoint_dir: str, workdir: str, step: int = 0,
   """Converts a diffusers checkpoint into `workdir`: an inference checkpoint at `step` plus `config.json`.
 
   `base_config` (default: `ddpm_jax.default_config`) supplies everything the checkpoint does not say (dataset, sampling
-  and evaluation settings); its model fields are replaced by the checkpoint's, with a warning where they differ.
+  and evaluation settings); its model, image and diffusion fields (the latter from the scheduler config) are
+  replaced by the checkpoint's, with a warning where they differ.
   Returns the written config.
   """
   from ddpm_jax import checkpointing  # pylint: disable=g-import-not-at-top
@@ -402,13 +447,13 @@ def convert_checkpoint(checkpoint_dir: str, workdir: str, step: int = 0,
     base_config = default_config.get_config()
   params, overrides = load_diffusers_checkpoint(checkpoint_dir)
   config = apply_overrides(base_config, overrides)
-  changed = [f'{s}.{k}: {base_config[s][k]!r} -> {config[s][k]!r}' for s in ('model', 'data')
+  changed = [f'{s}.{k}: {base_config[s][k]!r} -> {config[s][k]!r}' for s in overrides
              for k in overrides[s] if s in base_config and k in base_config[s] and
              _canon(base_config[s][k]) != _canon(config[s][k]) and not (k == 'learned_variance' and
                                                                          base_config[s][k] is None)]
   if changed:
-    logging.warning('the checkpoint differs from the base config in: %s. Sample/evaluate with a config that '
-                    'matches (the one written to %s/config.json).', '; '.join(changed), workdir)
+    logging.warning('the checkpoint sets, over the base config: %s. %s/config.json records them: sample and '
+                    'evaluate with --workdir alone.', '; '.join(changed), workdir)
   config_validation.validate_config(config)  # one-line ConfigError before anything is written
   os.makedirs(workdir, exist_ok=True)
   checkpointing.save_inference_checkpoint(workdir, step, params, params)  # released weights are the EMA ones

@@ -56,13 +56,12 @@ DIFFUSERS_VERSION = '0.42.1'
 UNET_DIR, SCHEDULER_DIR = 'unet', 'scheduler'
 WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'
 
-# Our diffusion fields -> DDPMScheduler's names. Missing keys have no diffusers equivalent (see the module doc).
-PREDICTION_TYPES = {'eps': 'epsilon', 'xstart': 'sample', 'v': 'v_prediction'}
-VARIANCE_TYPES = {'fixedlarge': 'fixed_large', 'fixedsmall': 'fixed_small', 'learned_range': 'learned_range'}
-# Schedules diffusers computes by name (the same formulas: scaled_linear is the original code's `quad`,
-# squaredcos_cap_v2 is Nichol & Dhariwal's cosine with s = 0.008 and betas clipped at 0.999); the others are written
-# out as trained_betas.
-NAMED_SCHEDULES = {'linear': 'linear', 'quad': 'scaled_linear', 'cosine': 'squaredcos_cap_v2'}
+# Our diffusion fields -> DDPMScheduler's names: convert's tables inverted. Missing keys have no diffusers
+# equivalent (see the module doc). Schedules without a diffusers name are written out as trained_betas.
+PREDICTION_TYPES = {ours: theirs for theirs, ours in convert.DIFFUSERS_PREDICTION_TYPES.items()}
+VARIANCE_TYPES = {**{ours: theirs for theirs, ours in convert.DIFFUSERS_FIXED_VARIANCES.items()
+                     if not theirs.endswith('_log')}, 'learned_range': 'learned_range'}
+NAMED_SCHEDULES = {ours: theirs for theirs, ours in convert.DIFFUSERS_SCHEDULES.items()}
 
 
 class ExportError(errors.UserError, ValueError):

@@ -18,6 +18,8 @@ from ddpm_jax import checkpointing
 from ddpm_jax import config_validation
 from ddpm_jax import convert
 from ddpm_jax import models
+from ddpm_jax import schedules
+from tests.helpers import assert_one_line_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,7 +94,8 @@ def test_small_checkpoint_matches_diffusers(small_net, tmp_path):
                                 'resamp_with_conv': True, 'learned_variance': False, 'num_classes': 0}
   assert overrides['data'] == {'image_size': 16, 'num_channels': 3}
   assert overrides['diffusion'] == {'schedule': 'linear', 'num_timesteps': 1000, 'beta_start': 1e-4,
-                                    'beta_end': 0.02}
+                                    'beta_end': 0.02, 'var_type': 'fixedsmall', 'mean_type': 'eps'}
+  assert overrides['sample'] == {'clip_denoised': True}
   assert all(v.dtype == np.float32 for v in jax.tree_util.tree_leaves(params))
   assert models.count_params(params) == sum(p.numel() for p in small_net.parameters())
   assert _compare(small_net, params, overrides, [0, 1, 10, 500, 999]) <= 1e-5
@@ -155,6 +158,33 @@ def test_bin_pipeline_layout_and_legacy_attention_names(small_net, tmp_path):
   reference = convert.convert_state_dict(state, convert.model_from_overrides(overrides))
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, reference)
   assert overrides['diffusion'] == {}  # no scheduler config: the configured schedule stays
+
+
+@pytest.mark.parametrize('fields,expected', [
+    ({'variance_type': 'fixed_large_log', 'prediction_type': 'v_prediction'},
+     {'var_type': 'fixedlarge', 'mean_type': 'v'}),
+    ({'variance_type': 'fixed_small_log', 'prediction_type': 'sample', 'beta_schedule': 'squaredcos_cap_v2'},
+     {'var_type': 'fixedsmall', 'mean_type': 'xstart', 'schedule': 'cosine'}),
+    # trained_betas equal to one of our schedules (what export writes for const / jsd / warmup*) is that schedule.
+    ({'trained_betas': schedules.get_betas('jsd', 1000, 1e-4, 0.02).tolist()}, {'schedule': 'jsd'}),
+])
+def test_scheduler_configs_map_to_our_diffusion_fields(fields, expected):
+  diffusion = convert.diffusion_overrides_from_scheduler(dict(SCHEDULER_CONFIG, **fields), learned=False)
+  assert {k: diffusion[k] for k in expected} == expected
+  assert diffusion['num_timesteps'] == 1000
+
+
+@pytest.mark.parametrize('fields,needle', [
+    ({'beta_schedule': 'sigmoid'}, "beta_schedule='sigmoid'"),
+    ({'trained_betas': list(np.linspace(1e-3, 0.05, 1000))}, 'trained_betas (1000 values'),
+    ({'prediction_type': 'flow'}, "prediction_type='flow'"),
+    ({'variance_type': 'learned'}, "variance_type='learned' for a network with no variance output"),
+    ({'thresholding': True}, 'thresholding=True'),
+    ({'clip_sample_range': 2.0}, 'clip_sample_range=2.0'),
+])
+def test_scheduler_settings_we_cannot_represent_are_named(fields, needle):
+  assert_one_line_error(lambda: convert.diffusion_overrides_from_scheduler(dict(SCHEDULER_CONFIG, **fields), False),
+                        'unsupported diffusers scheduler config', needle, error=convert.ConversionError)
 
 
 def test_missing_unexpected_and_mismatched_tensors_are_listed(small_net):
