@@ -2,7 +2,7 @@
 
   python bench/sample.py --config=configs/cifar10.py --batch_size=16 [--num_steps_override=10] [--peer]
 
-What runs is the library's sampler: `ddpm_jax.sampling.make_sample_fn` (one compiled `lax.scan` over the
+What runs is the library's sampler: `ddpm_jax.sample.make_sample_fn` (one compiled `lax.scan` over the
 timesteps, `samplers.sample`) with `sample.method` / `sample.respacing` set to
   * ancestral: respacing '' -- all T = diffusion.num_timesteps steps (Ho et al. 2020, Algorithm 2);
   * ddim: respacing 'ddim<--ddim_steps>' (Song et al. 2021, eta = 0).
@@ -71,12 +71,12 @@ _PARAMS = {}
 
 def time_ours(config, batch_size: int, method: str, target_steps: int, run_steps: int, steps: int,
               warmup: int) -> dict[str, Any]:
-  """Times `sampling.make_sample_fn` for one (method, respacing); returns the row of the result."""
+  """Times `sample.make_sample_fn` for one (method, respacing); returns the row of the result."""
   import jax  # pylint: disable=g-import-not-at-top
   from ddpm_jax import diffusion as diffusion_lib  # pylint: disable=g-import-not-at-top
   from ddpm_jax import models  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import sample  # pylint: disable=g-import-not-at-top
   from ddpm_jax import samplers  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
   from ddpm_jax import sharding  # pylint: disable=g-import-not-at-top
 
   config = config.copy_and_resolve_references()
@@ -89,7 +89,7 @@ def time_ours(config, batch_size: int, method: str, target_steps: int, run_steps
   if 'params' not in _PARAMS:  # the same parameters for every method
     _PARAMS['params'] = jax.device_put(models.init_params(model, jax.random.key(0)), sharding.replicated(mesh))
   params = _PARAMS['params']
-  sample_fn = sampling.make_sample_fn(config, model, diffusion_lib.from_config(config.diffusion), mesh, batch_size)
+  sample_fn = sample.make_sample_fn(config, model, diffusion_lib.from_config(config.diffusion), mesh, batch_size)
   rng = jax.random.key(1)
   t0 = time.perf_counter()
   compiled = sample_fn.lower(params, rng, None).compile()

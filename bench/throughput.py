@@ -184,7 +184,6 @@ def benchmark(config, batch_size: int, steps: int, warmup: int, do_train: bool =
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ddpm_jax import config_validation  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import models  # pylint: disable=g-import-not-at-top
   from ddpm_jax import sharding  # pylint: disable=g-import-not-at-top
   from ddpm_jax import train  # pylint: disable=g-import-not-at-top
 

@@ -45,8 +45,8 @@ from ddpm_jax import input_pipeline
 from ddpm_jax import likelihood
 from ddpm_jax import models
 from ddpm_jax import random_streams
+from ddpm_jax import sample
 from ddpm_jax import samplers
-from ddpm_jax import sampling
 from ddpm_jax import sharding
 from ddpm_jax import tensorboard_writer
 from ddpm_jax.errors import ConfigError, UserError
@@ -451,15 +451,15 @@ def sample_features(config: ml_collections.ConfigDict, model, diffusion: diffusi
     acc = metrics.FeatureStatsAccumulator.from_state_dict(state)
     logging.info('FID samples: resuming after %d of %d batches.', done, num_batches)
   if done < num_batches:
-    sample_fn = sampling.make_sample_fn(config, model, diffusion, mesh, batch)
-    labels_all = sampling.sample_labels(config, num)
+    sample_fn = sample.make_sample_fn(config, model, diffusion, mesh, batch)
+    labels_all = sample.sample_labels(config, num)
     base_rng = random_streams.stream(config.seed, 'sample')
     # Inception chunks no larger than a sample batch: a small sample batch is not padded to a large chunk.
     chunk = min(config.eval.inception_batch_size, batch)
     log = console.ProgressLog(num_batches - done)
     for i in range(done, num_batches):
       labels = None if labels_all is None else np.resize(labels_all[i * batch:(i + 1) * batch], batch)
-      images = sampling.generate(sample_fn, params, jax.random.fold_in(base_rng, i), labels, mesh, batch)
+      images = sample.generate(sample_fn, params, jax.random.fold_in(base_rng, i), labels, mesh, batch)
       images = images[:min(batch, num - i * batch)]
       features, logits = _features_of(net, images, mesh, chunk, with_logits)
       acc = acc or metrics.FeatureStatsAccumulator(features.shape[1])

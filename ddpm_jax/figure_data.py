@@ -30,8 +30,8 @@ import numpy as np
 
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import models
+from ddpm_jax import sample
 from ddpm_jax import samplers
-from ddpm_jax import sampling
 from ddpm_jax import schedules
 from ddpm_jax.errors import UserError
 
@@ -92,8 +92,8 @@ class Network(NamedTuple):
 
 
 def network(config: ml_collections.ConfigDict, params: Any) -> Network:
-  """The configured U-Net with `params` (unconditional, conditional or guided as `sampling.sampling_model_fn`)."""
-  return Network(functools.partial(sampling.sampling_model_fn, config, models.create_model(config)),
+  """The configured U-Net with `params` (unconditional, conditional or guided as `sample.sampling_model_fn`)."""
+  return Network(functools.partial(sample.sampling_model_fn, config, models.create_model(config)),
                  jax.device_put(params))
 
 

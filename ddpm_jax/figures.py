@@ -56,8 +56,8 @@ from ddpm_jax import images as images_lib
 from ddpm_jax import input_pipeline
 from ddpm_jax import models
 from ddpm_jax import random_streams
+from ddpm_jax import sample
 from ddpm_jax import samplers
-from ddpm_jax import sampling
 from ddpm_jax import workdir_config
 from ddpm_jax.errors import ConfigError, UserError
 
@@ -165,7 +165,7 @@ class _Run:
       num_steps = samplers.num_sampling_steps(self.config.diffusion.num_timesteps, self.config.sample)
       num_progress = max(1, min(self.opts.num_progress, num_steps))
       shape = (self.opts.num_images,) + models.image_shape(self.config)
-      labels = sampling.sample_labels(self.config, self.opts.num_images)
+      labels = sample.sample_labels(self.config, self.opts.num_images)
       _, reverse_key = jax.random.split(figures_key(self.config))
       self._chain = figure_data.reverse_chain(self.config, self.net(), shape, num_progress, reverse_key, labels)
     return self._chain

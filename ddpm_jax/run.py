@@ -56,8 +56,8 @@ def run(mode: str, config: Optional[ml_collections.ConfigDict], workdir: str) ->
     from ddpm_jax import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, workdir)
   elif mode == 'sample':
-    from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
-    sampling.sample_and_export(config, workdir)
+    from ddpm_jax import sample  # pylint: disable=g-import-not-at-top
+    sample.sample_and_export(config, workdir)
   else:
     from ddpm_jax import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.evaluate(config, workdir)

@@ -28,8 +28,8 @@ from ddpm_jax import images as images_lib
 from ddpm_jax import input_pipeline
 from ddpm_jax import models
 from ddpm_jax import random_streams
+from ddpm_jax import sample
 from ddpm_jax import samplers
-from ddpm_jax import sampling
 from ddpm_jax import sharding
 from ddpm_jax import tensorboard_writer
 from ddpm_jax import train_state as train_state_lib
@@ -240,7 +240,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> train_state_lib.T
 
   sample_fn = None
   if tc.sample_every:
-    sample_fn = sampling.make_sample_fn(config, trainer.model, trainer.diffusion, trainer.mesh,
+    sample_fn = sample.make_sample_fn(config, trainer.model, trainer.diffusion, trainer.mesh,
                                         config.sample.batch_size)
 
   log_window, health_window = _MetricWindow(), _MetricWindow()
@@ -329,11 +329,11 @@ def _write_sample_grid(config, trainer: Trainer, sample_fn, writer, workdir: str
   logging.info('Step %d: drawing %d samples from the EMA parameters (%s sampler, %s steps)...', step,
                config.sample.batch_size, config.sample.method,
                samplers.num_sampling_steps(config.diffusion.num_timesteps, config.sample))
-  labels = sampling.sample_labels(config, config.sample.batch_size)
+  labels = sample.sample_labels(config, config.sample.batch_size)
   rng = jax.random.fold_in(random_streams.stream(config.seed, 'sample'), step)
-  samples = sampling.generate(sample_fn, trainer.host_state().ema_params, rng, labels, trainer.mesh,
+  samples = sample.generate(sample_fn, trainer.host_state().ema_params, rng, labels, trainer.mesh,
                               config.sample.batch_size)
-  grid = images_lib.make_grid(*sampling.grid_layout(config, samples, labels))
+  grid = images_lib.make_grid(*sample.grid_layout(config, samples, labels))
   if jax.process_index() == 0:
     path = os.path.join(os.path.abspath(workdir), 'samples', f'train_step_{step}.png')
     images_lib.save_png(grid, path)

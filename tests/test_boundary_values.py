@@ -12,7 +12,7 @@ from configs import test as test_config
 from ddpm_jax import checkpointing
 from ddpm_jax import models
 from ddpm_jax import config_validation
-from ddpm_jax import sampling
+from ddpm_jax import sample
 from ddpm_jax import train
 from tests.helpers import random_params
 
@@ -78,7 +78,7 @@ def test_respacing_that_keeps_all_steps_samples_as_the_full_chain(tmp_path, meth
   def draw(spec):
     config.sample.method, config.sample.respacing = method, spec
     config_validation.validate_config(config, jax.device_count())
-    out_dir = sampling.sample_and_export(config, str(tmp_path))
+    out_dir = sample.sample_and_export(config, str(tmp_path))
     with np.load(os.path.join(out_dir, 'samples.npz')) as z:
       return z['images']
 

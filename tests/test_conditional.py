@@ -29,8 +29,8 @@ from ddpm_jax import errors
 from ddpm_jax import images as images_lib
 from ddpm_jax import input_pipeline
 from ddpm_jax import models
+from ddpm_jax import sample
 from ddpm_jax import samplers
-from ddpm_jax import sampling
 from ddpm_jax import sharding
 from ddpm_jax import run
 from ddpm_jax import train_state as train_state_lib
@@ -140,7 +140,7 @@ def test_guided_step_matches_manual_combination(method):
 
 
 class _FakeModel:
-  """Stands in for the U-Net in `sampling.make_sample_fn`: records every `apply` (trace time) and its labels."""
+  """Stands in for the U-Net in `sample.make_sample_fn`: records every `apply` (trace time) and its labels."""
 
   def __init__(self):
     self.calls, self.labels_seen = [], []
@@ -160,8 +160,8 @@ def test_make_sample_fn_conditional_wiring(guidance_scale):
   config.data.image_size, config.data.num_channels = 4, 1
   mesh = sharding.create_mesh()
   fake, params = _FakeModel(), {'params': {'scale': jnp.float32(1.0)}}
-  sample_fn = sampling.make_sample_fn(config, fake, _diffusion(), mesh, B)
-  labels = sampling.sample_labels(config, B)
+  sample_fn = sample.make_sample_fn(config, fake, _diffusion(), mesh, B)
+  labels = sample.sample_labels(config, B)
   out = np.asarray(sample_fn(params['params'], jax.random.key(7), jnp.asarray(labels)))
 
   factor = 2 if guidance_scale > 0 else 1
@@ -182,9 +182,9 @@ def test_make_sample_fn_conditional_wiring(guidance_scale):
 def test_make_sample_fn_unconditional_passes_no_labels():
   config = _config(0, respacing='5')
   config.data.image_size, config.data.num_channels = 4, 1
-  assert sampling.sample_labels(config, B) is None
+  assert sample.sample_labels(config, B) is None
   fake = _FakeModel()
-  sample_fn = sampling.make_sample_fn(config, fake, _diffusion(), sharding.create_mesh(), B)
+  sample_fn = sample.make_sample_fn(config, fake, _diffusion(), sharding.create_mesh(), B)
   out = np.asarray(sample_fn({'scale': jnp.float32(0.5)}, jax.random.key(7), None))
   assert fake.calls == [(B, None)]
   want = samplers.sample(_diffusion(), lambda x, t: jnp.tanh(x * 0.5), SHAPE, jax.random.key(7), respacing='5')
@@ -261,7 +261,7 @@ def test_unconditional_checkpoint_loads_and_samples_unchanged(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, ema, params)
 
   mesh = sharding.create_mesh()
-  sample_fn = sampling.make_sample_fn(config, model, _diffusion(), mesh, B)
+  sample_fn = sample.make_sample_fn(config, model, _diffusion(), mesh, B)
   rng = jax.random.key(11)
   got = np.asarray(sample_fn(jax.device_put(ema, sharding.replicated(mesh)), rng, None))
   # The pre-conditioning sampling path: model.apply(params, x, t) with no labels at all.
@@ -384,7 +384,7 @@ def test_conditional_config_on_unlabelled_data_fails_before_anything_is_built(tm
 def test_sample_labels_never_null_and_one_class_per_grid_row():
   config = _config(NUM_CLASSES, class_label=-1)
   for num in range(1, 260):
-    labels = sampling.sample_labels(config, num)
+    labels = sample.sample_labels(config, num)
     assert labels.shape == (num,) and labels.dtype == np.int32
     assert labels.min() >= 0 and labels.max() < NUM_CLASSES  # never the null label
     assert np.all(np.diff(labels) >= 0)  # contiguous blocks, classes in order
@@ -398,14 +398,14 @@ def test_sample_labels_never_null_and_one_class_per_grid_row():
       assert np.all(rows == np.arange(NUM_CLASSES)[:, None])
   for k in range(NUM_CLASSES):
     config.sample.class_label = k
-    np.testing.assert_array_equal(sampling.sample_labels(config, 7), np.full((7,), k))
-  assert sampling.sample_labels(_config(0), 7) is None
+    np.testing.assert_array_equal(sample.sample_labels(config, 7), np.full((7,), k))
+  assert sample.sample_labels(_config(0), 7) is None
 
 
 def test_quickstart_cond_config_is_valid_and_its_grid_has_one_class_per_row():
   config = quickstart_cond.get_config()
   config_validation.validate_config(config, num_devices=8)
-  labels = sampling.sample_labels(config, config.sample.num_samples)
+  labels = sample.sample_labels(config, config.sample.num_samples)
   assert np.all(labels.reshape(NUM_CLASSES, -1) == np.arange(NUM_CLASSES)[:, None])
 
 

@@ -25,7 +25,7 @@ from ddpm_jax import images as images_lib
 from ddpm_jax import input_pipeline
 from ddpm_jax import likelihood
 from ddpm_jax import models
-from ddpm_jax import sampling
+from ddpm_jax import sample
 from ddpm_jax import sharding
 from ddpm_jax.evaluation import cache as fid_cache
 from ddpm_jax.evaluation import inception_weights
@@ -268,7 +268,7 @@ def test_fid_orchestration_and_exact_resume(tmp_path, params, monkeypatch, caplo
       net.batches_allowed = allowed
     with monkeypatch.context() as m:
       interrupt_bpd_chunks_after(m, allowed if interrupted == 'bpd' else 10 ** 6, bpd)
-      interrupt_after(m, sampling, 'generate', allowed if interrupted == 'generate' else 10 ** 6, samples)
+      interrupt_after(m, sample, 'generate', allowed if interrupted == 'generate' else 10 ** 6, samples)
       try:
         results = evaluate.evaluate(config, workdir, inception=net)
       except Interrupt:
@@ -282,7 +282,7 @@ def test_fid_orchestration_and_exact_resume(tmp_path, params, monkeypatch, caplo
   net = FakeInception()
   sample_config = make_config(sample__num_samples=12)
   with caplog.at_level(logging.INFO):
-    out_dir = sampling.sample_and_export(sample_config, reference_dir)
+    out_dir = sample.sample_and_export(sample_config, reference_dir)
   assert re.search(r'sampled batch 2/2, [0-9.]+s/batch, ETA 0\.0s', caplog.text), caplog.text
   with np.load(os.path.join(out_dir, 'samples.npz')) as z:
     samples = z['images']
@@ -382,7 +382,7 @@ def test_missing_inception_weights_fail_fast(tmp_path, monkeypatch):
 
   def must_not_run(*args, **kwargs):
     raise AssertionError('evaluation started without Inception weights')
-  for module, name in ((checkpointing, 'restore_inference_params'), (sampling, 'make_sample_fn'),
+  for module, name in ((checkpointing, 'restore_inference_params'), (sample, 'make_sample_fn'),
                        (evaluate, 'compute_bpd')):
     monkeypatch.setattr(module, name, must_not_run)
   with pytest.raises(evaluate.FIDNetworkUnavailableError) as info:
@@ -418,7 +418,7 @@ def test_fid_with_real_inception_weights(tmp_path, params, monkeypatch):
     results = evaluate.evaluate(config, workdir)
     train_images = split_images(config, 'train')
   net = evaluation.load_inception()
-  out_dir = sampling.sample_and_export(make_config(sample__num_samples=8), workdir)
+  out_dir = sample.sample_and_export(make_config(sample__num_samples=8), workdir)
   with np.load(os.path.join(out_dir, 'samples.npz')) as z:
     samples = z['images']
   sample_stats = metrics.feature_statistics(np.asarray(net.features(samples)))

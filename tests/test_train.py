@@ -24,7 +24,7 @@ from ddpm_jax import input_pipeline
 from ddpm_jax import losses
 from ddpm_jax import models
 from ddpm_jax import random_streams
-from ddpm_jax import sampling
+from ddpm_jax import sample
 from ddpm_jax import sharding
 from ddpm_jax import train
 
@@ -287,11 +287,11 @@ def test_sample_grids_during_training_come_from_the_ema_params_of_that_step(tmp_
   # Redraw: the EMA parameters checkpointed at step 4, the sample stream folded with the step.
   _, _, ema = checkpointing.restore_inference_params(workdir, 4)
   mesh = sharding.create_mesh()
-  sample_fn = sampling.make_sample_fn(config, models.create_model(config),
+  sample_fn = sample.make_sample_fn(config, models.create_model(config),
                                       diffusion_lib.from_config(config.diffusion), mesh, config.sample.batch_size)
   key = jax.random.fold_in(random_streams.stream(config.seed, 'sample'), 4)
-  samples = sampling.generate(sample_fn, jax.device_put(ema, sharding.replicated(mesh)), key, None, mesh,
+  samples = sample.generate(sample_fn, jax.device_put(ema, sharding.replicated(mesh)), key, None, mesh,
                               config.sample.batch_size)
-  expected = images_lib.make_grid(*sampling.grid_layout(config, samples, None))
+  expected = images_lib.make_grid(*sample.grid_layout(config, samples, None))
   np.testing.assert_array_equal(grid, expected)
   assert samples.std() > 0  # a grid of actual samples, not a blank image

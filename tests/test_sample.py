@@ -1,4 +1,4 @@
-"""`--mode=sample` (ddpm_jax.sampling.sample_and_export): deterministic in the seed, uint8 NHWC samples of the
+"""`--mode=sample` (ddpm_jax.sample.sample_and_export): deterministic in the seed, uint8 NHWC samples of the
 requested count (also when it is not a multiple of the batch), and the grid that goes with them."""
 
 import os
@@ -12,7 +12,7 @@ from ddpm_jax import checkpointing
 from ddpm_jax import errors
 from ddpm_jax import models
 from ddpm_jax import run
-from ddpm_jax import sampling
+from ddpm_jax import sample
 from ddpm_jax import workdir_config
 from tests.helpers import assert_one_line_error
 from tests.helpers import random_params
@@ -38,7 +38,7 @@ def make_config(num_samples, batch_size=8, seed=0):
 
 
 def export(config, workdir):
-  out_dir = sampling.sample_and_export(config, workdir)
+  out_dir = sample.sample_and_export(config, workdir)
   assert out_dir == os.path.join(workdir, 'samples', f'step_{STEP}')
   with np.load(os.path.join(out_dir, 'samples.npz')) as z:
     assert 'labels' not in z.files  # unconditional model
@@ -72,7 +72,7 @@ def test_samples_use_the_ema_params(workdir):
   # The same checkpoint with the EMA params swapped for the raw ones gives other samples.
   model = models.create_model(config)
   checkpointing.save_inference_checkpoint(raw_dir, STEP, random_params(model, 1), random_params(model, 0))
-  swapped = sampling.sample_and_export(make_config(8), raw_dir)
+  swapped = sample.sample_and_export(make_config(8), raw_dir)
   with np.load(os.path.join(swapped, 'samples.npz')) as z:
     assert np.mean(z['images'] != images) > 0.5
 
