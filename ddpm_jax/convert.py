@@ -19,19 +19,20 @@ Nothing here imports torch: `.safetensors` files are read with `safetensors.nump
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import sys
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from absl import flags
+from absl import logging
 from flax import traverse_util
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
 from ddpm_jax import config_validation
+from ddpm_jax import console
 from ddpm_jax import default_config
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import errors
@@ -452,8 +453,8 @@ def convert_checkpoint(checkpoint_dir: str, workdir: str, step: int = 0,
              _canon(base_config[s][k]) != _canon(config[s][k]) and not (k == 'learned_variance' and
                                                                          base_config[s][k] is None)]
   if changed:
-    logging.warning('the checkpoint sets, over the base config: %s. %s/config.json records them: sample and '
-                    'evaluate with --workdir alone.', '; '.join(changed), workdir)
+    logging.info('the checkpoint sets, over the base config: %s. %s/config.json records them: sample and '
+                 'evaluate with --workdir alone.', '; '.join(changed), workdir)
   config_validation.validate_config(config)  # one-line ConfigError before anything is written
   os.makedirs(workdir, exist_ok=True)
   checkpointing.save_inference_checkpoint(workdir, step, params, params)  # released weights are the EMA ones
@@ -535,7 +536,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if any(a in _HELP_FLAGS for a in argv):
     print(f'{__doc__}\nflags:\n{_define_flags([_PROGRAM]).get_help()}')
     return 0
-  logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
+  # What app.run would do before logging (this command parses its own FlagValues): absl's handler, no notice.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  logging.use_absl_handler()
+  logging.set_verbosity(logging.INFO)
+  console.setup()
   try:
     fv = parse_flags(argv)
     base = fv.config if fv['config'].present else None
