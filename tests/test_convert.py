@@ -18,7 +18,9 @@ from ddpm_jax import checkpointing
 from ddpm_jax import config_validation
 from ddpm_jax import convert
 from ddpm_jax import models
+from ddpm_jax import run
 from ddpm_jax import schedules
+from ddpm_jax import workdir_config
 from tests.helpers import assert_one_line_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -310,3 +312,20 @@ def test_flag_mistakes_are_one_line_and_exit_2(tmp_path, capsys):
     assert err.startswith('ddpm_jax.convert: error:') and '\n' not in err and expected in err, (argv, err)
   assert not (tmp_path / 'out').exists()
   assert convert.main(['--help']) == 0 and '--checkpoint' in capsys.readouterr().out
+
+
+def test_a_converted_workdir_samples_with_no_config(small_net, tmp_path):
+  # The scheduler config decides the diffusion (T=10, fixed_large, no clipping); the converter records it all.
+  hub, workdir = tmp_path / 'hub', tmp_path / 'run'
+  small_net.save_pretrained(hub)
+  scheduler = dict(SCHEDULER_CONFIG, num_train_timesteps=10, variance_type='fixed_large', clip_sample=False)
+  (hub / 'scheduler_config.json').write_text(json.dumps(scheduler))
+  base = default.get_config()
+  base.sample.num_samples, base.sample.batch_size = 8, 8
+  convert.convert_checkpoint(str(hub), str(workdir), base_config=base)
+  recorded = workdir_config.read(str(workdir))
+  assert (recorded.diffusion.num_timesteps, recorded.diffusion.var_type) == (10, 'fixedlarge')
+  assert recorded.sample.clip_denoised is False
+  run.run('sample', None, str(workdir))  # what `main.py --mode=sample --workdir=<converted dir>` calls
+  with np.load(workdir / 'samples' / 'step_0' / 'samples.npz') as z:
+    assert z['images'].shape == (8, 16, 16, 3) and z['images'].dtype == np.uint8
