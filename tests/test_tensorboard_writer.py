@@ -135,7 +135,6 @@ def _run_main_recording_tensorflow(tmp_path, name, *args):
 def test_training_and_evaluation_never_import_tensorflow(tmp_path):
   # A prepared TFDS cifar10 (ArrayRecord files, the real read path); TensorFlow is installed in the test env, so
   # anything on the way that imports it would show in the subprocess's sys.modules.
-  from tests import fake_datasets  # pylint: disable=g-import-not-at-top
   data_dir = str(tmp_path / 'tfds')
   fake_datasets.prepare_fake_cifar10(data_dir, num_train=16, num_test=8)
   common = ['--config=configs/test.py', f'--workdir={tmp_path / "run"}', f'--config.data.data_dir={data_dir}']
