@@ -53,3 +53,22 @@ def random_params(model, seed=0):
     return noise / np.float32(np.sqrt(np.prod(shape.shape[:-1])))
 
   return jax.tree_util.tree_map_with_path(draw, models.param_shapes(model))
+
+
+def random_diffusers_unet(config, seed=0):
+  """A diffusers UNet2DModel of `config` (its keyword arguments; '_'-keys ignored) with non-zero random weights in
+  every tensor: zero-initialised output convolutions would make any two implementations agree trivially."""
+  import torch  # pylint: disable=g-import-not-at-top  (only the oracle tests need torch)
+  from diffusers import UNet2DModel  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  net = UNet2DModel(**{k: v for k, v in config.items() if not k.startswith('_')}).eval()
+  with torch.no_grad():
+    for name, p in net.named_parameters():
+      noise = torch.randn_like(p)
+      if p.ndim > 1:
+        p.copy_(noise / np.sqrt(p[0].numel()))
+      elif 'norm' in name and name.endswith('weight'):
+        p.copy_(1.0 + 0.1 * noise)
+      else:
+        p.copy_(0.1 * noise)
+  return net

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DModel
 
 from configs import default
 from ddpm_jax import checkpointing
@@ -21,6 +20,7 @@ from ddpm_jax import models
 from ddpm_jax import run
 from ddpm_jax import schedules
 from ddpm_jax import workdir_config
+from tests import helpers
 from tests.helpers import assert_one_line_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,19 +44,7 @@ SMALL_CONFIG = dict(CIFAR10_CONFIG, block_out_channels=[32, 64], down_block_type
 
 
 def _diffusers_unet(config, seed=0):
-  """A diffusers UNet2DModel with non-zero random weights in every tensor (zero-initialised ones included)."""
-  torch.manual_seed(seed)
-  net = UNet2DModel(**{k: v for k, v in config.items() if not k.startswith('_')}).eval()
-  with torch.no_grad():
-    for name, p in net.named_parameters():
-      noise = torch.randn_like(p)
-      if p.ndim > 1:
-        p.copy_(noise / np.sqrt(p[0].numel()))
-      elif 'norm' in name and name.endswith('weight'):
-        p.copy_(1.0 + 0.1 * noise)
-      else:
-        p.copy_(0.1 * noise)
-  return net
+  return helpers.random_diffusers_unet(config, seed)
 
 
 def _state_dict(net):

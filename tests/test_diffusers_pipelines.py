@@ -19,7 +19,6 @@ from diffusers import DDIMPipeline
 from diffusers import DDIMScheduler
 from diffusers import DDPMPipeline
 from diffusers import DDPMScheduler
-from diffusers import UNet2DModel
 
 from configs import default
 from ddpm_jax import config_validation
@@ -28,6 +27,7 @@ from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import errors
 from ddpm_jax import samplers
 from ddpm_jax import schedules
+from tests import helpers
 from tests.helpers import assert_one_line_error
 
 T = 1000
@@ -61,17 +61,7 @@ UNET_CONFIG = dict(
 def nets():
   """(diffusers UNet, our model_fn) with the same random weights, every tensor non-zero (zero-initialised output
   convolutions would make every sampler agree trivially)."""
-  torch.manual_seed(0)
-  unet = UNet2DModel(**UNET_CONFIG).eval()
-  with torch.no_grad():
-    for name, p in unet.named_parameters():
-      noise = torch.randn_like(p)
-      if p.ndim > 1:
-        p.copy_(noise / np.sqrt(p[0].numel()))
-      elif 'norm' in name and name.endswith('weight'):
-        p.copy_(1.0 + 0.1 * noise)
-      else:
-        p.copy_(0.1 * noise)
+  unet = helpers.random_diffusers_unet(UNET_CONFIG, seed=0)
   overrides = convert.model_overrides_from_diffusers(dict(UNET_CONFIG, _class_name='UNet2DModel'))
   model = convert.model_from_overrides(overrides)
   state = {k: v.detach().numpy().copy() for k, v in unet.state_dict().items()}
