@@ -35,7 +35,9 @@ BATCH, SIDE, CHANNELS = 2, 8, 3
 # Three steps: T // 3 = 333 is not T / 3, so diffusers' DDIM previous timestep (t - 333) differs from the next visited
 # one for trailing (999 -> 666 -> 332) and linspace (999 -> 500 -> 0); trailing's last step is at t = 332 > 0.
 NUM_STEPS = 3
-SPACINGS = [('leading', 0), ('leading', 1), ('trailing', 0), ('trailing', 1), ('linspace', 0), ('linspace', 1)]
+# steps_offset only moves 'leading' (diffusers ignores it for 'trailing' / 'linspace', and the timesteps are all
+# the samplers take from it: test_diffusers_spacing_gives_set_timesteps checks every offset there).
+SPACINGS = [('leading', 0), ('leading', 1), ('trailing', 0), ('linspace', 0)]
 # Float32 tolerance, relative to max(1, max |sample|): diffusers' float32 cumprod gives alpha_bar to 3.6e-7 relative
 # (ours are float64-derived), and the first step's x0_hat = (x_T - sqrt(1 - a) eps) / sqrt(a) multiplies any
 # rounding by 1 / sqrt(alpha_bar_999) = 157. The measured differences are at most 4e-5 (clipped samples, in [-1, 1])
@@ -44,8 +46,8 @@ SPACINGS = [('leading', 0), ('leading', 1), ('trailing', 0), ('trailing', 1), ('
 TOLERANCE = 1e-4
 # One compile per static sampler configuration (~5 s): the quick loop (-m 'not slow') runs a representative subset
 # covering every convention; CI runs the whole matrix.
-FAST = {('ancestral', 'trailing', 0, True), ('ancestral', 'linspace', 1, False), ('ddim', 'linspace', 0, True, False),
-        ('ddim', 'trailing', 1, False, False), ('ddim', 'leading', 1, True, True)}
+FAST = {('ancestral', 'trailing', 0, True), ('ancestral', 'linspace', 0, False), ('ddim', 'linspace', 0, True, False),
+        ('ddim', 'trailing', 0, False, False), ('ddim', 'leading', 1, True, True)}
 
 
 def _matrix(method, rows):
