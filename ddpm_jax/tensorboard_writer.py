@@ -29,6 +29,7 @@ import time
 from typing import Any, Mapping, Optional
 
 from absl import logging
+from flax import traverse_util
 import numpy as np
 from PIL import Image
 from tensorboard.compat.proto import event_pb2
@@ -97,16 +98,6 @@ def images_to_uint8(images: Any) -> np.ndarray:
   if not np.issubdtype(images.dtype, np.floating):
     raise ValueError(f'images must be uint8 or float in [0, 1]; got {images.dtype}')
   return np.clip(images.astype(np.float64) * 255.5, 0, 255).astype(np.uint8)
-
-
-def _flatten(hparams: Mapping[str, Any], prefix: str = '') -> dict:
-  flat = {}
-  for key, value in hparams.items():
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
 
 
 class _ClosedOnExit(MetricWriter):
@@ -199,7 +190,7 @@ class TensorBoardWriter(_ClosedOnExit):
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     """The hparams plugin's session start info (TensorBoard's HParams tab); values bool, int, float or str."""
-    value = hparams_summary.hparams_pb(_flatten(hparams)).value[0]
+    value = hparams_summary.hparams_pb(traverse_util.flatten_dict(dict(hparams), sep='.')).value[0]
     value.metadata.data_class = summary_pb2.DATA_CLASS_TENSOR
     self._write_value(0, value)
 

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from absl import logging
 import flax
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -236,7 +237,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> train_state_lib.T
   is_chief = jax.process_index() == 0
   writer = tensorboard_writer.create_writer(workdir, enabled=is_chief)
   if step == 0:
-    writer.write_hparams({'num_params': num_params, **{k: str(v) for k, v in _flat(config).items()}})
+    writer.write_hparams({'num_params': num_params, **{k: str(v) for k, v in traverse_util.flatten_dict(config.to_dict(), sep='.').items()}})
 
   sample_fn = None
   if tc.sample_every:
@@ -339,13 +340,3 @@ def _write_sample_grid(config, trainer: Trainer, sample_fn, writer, workdir: str
     images_lib.save_png(grid, path)
     logging.info('Step %d: sample grid (EMA) written to %s', step, path)
   writer.write_images(step, {'samples': grid[None]})
-
-
-def _flat(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      out.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out

@@ -15,6 +15,7 @@ import os
 import pathlib
 from typing import Any, Optional
 
+from flax import traverse_util
 import ml_collections
 
 from ddpm_jax import atomic_write
@@ -64,14 +65,10 @@ def read(workdir: str) -> ml_collections.ConfigDict:
                     '--config') from None
 
 
-def _flat(config: Any, prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for key, value in config.items():
-    if isinstance(value, (ml_collections.ConfigDict, dict)):
-      out.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = _tuples(list(value)) if isinstance(value, (list, tuple)) else value
-  return out
+def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{'model.ch': 128, ...}, sequences as tuples (a recording and a config file spell them alike)."""
+  flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
+  return {k: _tuples(list(v)) if isinstance(v, (list, tuple)) else v for k, v in flat.items()}
 
 
 def _fixed(field: str) -> bool:
