@@ -139,6 +139,11 @@ def _train_classifier(images: np.ndarray, labels: np.ndarray, method: str, seed:
       return np.asarray([np.bincount(row, minlength=NUM_CLASSES).argmax() for row in nearest], np.int32)
 
     return predict_knn
+  probabilities = _fit_mlp(project, features, y, seed)
+  return lambda z: np.argmax(probabilities(z), axis=1).astype(np.int32)
+
+
+def _fit_mlp(project, features: np.ndarray, y: np.ndarray, seed: int) -> Callable[[np.ndarray], np.ndarray]:
   import warnings  # pylint: disable=g-import-not-at-top
   from sklearn.exceptions import ConvergenceWarning  # pylint: disable=g-import-not-at-top
   from sklearn.neural_network import MLPClassifier  # pylint: disable=g-import-not-at-top
@@ -146,7 +151,17 @@ def _train_classifier(images: np.ndarray, labels: np.ndarray, method: str, seed:
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', ConvergenceWarning)
     mlp.fit(features, y)
-  return lambda z: mlp.predict(project(_flat(z))).astype(np.int32)
+  return lambda z: mlp.predict_proba(project(_flat(z)))
+
+
+def train_mlp_probabilities(images: np.ndarray, labels: np.ndarray, seed: int = 0
+                            ) -> Callable[[np.ndarray], np.ndarray]:
+  """The PCA+MLP classifier as predict_proba(images) -> (M, 10) class probabilities (unconditional samples:
+  how many are confidently a digit, and which)."""
+  with _one_blas_thread():
+    x = _flat(images)
+    project = _pca(x, _PCA_DIMS)
+    return _single_threaded(_fit_mlp(project, project(x), np.asarray(labels, np.int64), seed))
 
 
 def agreement(predicted: np.ndarray, labels: np.ndarray, num_classes: int = NUM_CLASSES) -> dict:

@@ -26,6 +26,7 @@ MEAN_TYPES = diffusion.MEAN_TYPES
 VAR_TYPES = diffusion.VAR_TYPES
 LOSS_TYPES = diffusion.LOSS_TYPES
 T_SAMPLING = diffusion.T_SAMPLINGS
+LR_DECAYS = ('none', 'cosine', 'linear')  # optim.lr_decay (train_state.learning_rate_schedule)
 PARALLELISM = ('jit', 'pmap')  # training.parallelism (train.Trainer)
 DTYPES = tuple(models.DTYPES)
 SAMPLE_METHODS = samplers.METHODS
@@ -153,6 +154,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   _in_range(config, 'optim.lr', 0.0, float('inf'), low_open=True)
   _require(isinstance(config.optim.warmup_steps, int) and config.optim.warmup_steps >= 0, 'optim.warmup_steps',
            config.optim.warmup_steps, 'must be an integer >= 0')
+  _one_of(config, 'optim.lr_decay', LR_DECAYS)
   _in_range(config, 'optim.grad_clip', 0.0, float('inf'))
   _in_range(config, 'optim.b1', 0.0, 1.0)
   _in_range(config, 'optim.b2', 0.0, 1.0)

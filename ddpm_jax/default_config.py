@@ -103,6 +103,9 @@ def get_config() -> ml_collections.ConfigDict:
   training.num_steps = 800_000
   # EMA decay of the parameters used for sampling/evaluation, 0 <= decay < 1.
   training.ema_decay = 0.9999
+  # Warm the EMA up: decay min(ema_decay, (1 + n) / (10 + n)) at update n, so a short run's average forgets the
+  # initialisation (TF's ExponentialMovingAverage num_updates). False = the paper's constant decay.
+  training.ema_warmup = False
   # Steps between metric writes.
   training.log_every = 100
   # Steps between checkpoints.
@@ -130,6 +133,8 @@ def get_config() -> ml_collections.ConfigDict:
   optim.lr = 2e-4
   # Linear warmup steps from 0 to `lr`.
   optim.warmup_steps = 5000
+  # After warmup: 'none' (constant, the paper), 'cosine' or 'linear' decay to 0 at training.num_steps.
+  optim.lr_decay = 'none'
   # Global-norm gradient clipping (0 = off).
   optim.grad_clip = 1.0
   # Adam moments and epsilon.

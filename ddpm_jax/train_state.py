@@ -51,10 +51,25 @@ class StepDraws:
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup from 0 to `optim.lr` over `optim.warmup_steps`, then constant (the DDPM recipe)."""
-  if config.optim.warmup_steps == 0:
-    return optax.constant_schedule(config.optim.lr)
-  return optax.linear_schedule(0.0, config.optim.lr, config.optim.warmup_steps)
+  """Linear warmup from 0 to `optim.lr` over `optim.warmup_steps`, then constant (the DDPM recipe), or with
+  `optim.lr_decay` 'cosine' / 'linear' down to 0 at `training.num_steps` (a short run ends on a settled model)."""
+  lr, warmup, decay = config.optim.lr, config.optim.warmup_steps, config.optim.get('lr_decay', 'none')
+  if decay == 'none':
+    return optax.linear_schedule(0.0, lr, warmup) if warmup else optax.constant_schedule(lr)
+  if decay == 'cosine':
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, config.training.num_steps, end_value=0.0)
+  remaining = max(config.training.num_steps - warmup, 1)
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, 0.0, remaining)],
+                              [warmup])
+
+
+def ema_decay(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+  """`training.ema_decay`, or with `training.ema_warmup` min(ema_decay, (1 + n) / (10 + n)) at update n (TF's
+  ExponentialMovingAverage with num_updates): the average forgets the random initialisation within a short run."""
+  if not config.training.get('ema_warmup', False):
+    return jnp.asarray(config.training.ema_decay, jnp.float32)
+  n = step.astype(jnp.float32)
+  return jnp.minimum(config.training.ema_decay, (1.0 + n) / (10.0 + n))
 
 
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -136,7 +151,7 @@ def apply_step(state: TrainState, batch: dict[str, jax.Array], draws: StepDraws,
   params = optax.apply_updates(state.params, updates)
   finite = opt_state.last_finite
   keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-  ema_params = keep_if_finite(optax.incremental_update(params, state.ema_params, 1.0 - config.training.ema_decay),
+  ema_params = keep_if_finite(optax.incremental_update(params, state.ema_params, 1.0 - ema_decay(config, state.step)),
                               state.ema_params)
   t_sampler = keep_if_finite(losses.update_timestep_sampler(diffusion, state.t_sampler, t, per_example),
                              state.t_sampler)

@@ -5,7 +5,9 @@ Training and `python -m ddpm_jax.convert` write the resolved config there. `--mo
 samples are drawn and evaluated (`sample.*`, `eval.*`, `seed`, the data to compare with, `model.dtype`, ...), but not
 the fields that fix what was trained: the architecture (`model.*`), the diffusion (`diffusion.*`) and the image
 shape (`data.image_size`, `data.num_channels`, `data.pad_to`). Changing one of those is an error naming the field
-and both values: the checkpoint would be read with another meaning.
+and both values: the checkpoint would be read with another meaning. One exception: a run with a fixed reverse
+variance may be sampled with the other one (`diffusion.var_type` fixedlarge <-> fixedsmall): the network predicts
+only the mean, and sigma_t^2 = beta_t or beta~_t is the sampler's choice (Ho et al. 2020, §3.2).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from flax import traverse_util
 import ml_collections
 
 from ddpm_jax import atomic_write
+from ddpm_jax import default_config
+from ddpm_jax import diffusion
 from ddpm_jax.errors import ConfigError, UserError
 
 FILENAME = 'config.json'
@@ -59,10 +63,20 @@ def read(workdir: str) -> ml_collections.ConfigDict:
                     'pass the run\'s config with --config')
   try:
     with open(p) as f:
-      return ml_collections.ConfigDict(_tuples(json.load(f)))
+      recorded = _tuples(json.load(f))
   except (OSError, ValueError) as e:
     raise UserError(f'{p} is not a readable config ({type(e).__name__}: {e}); pass the run\'s config with '
                     '--config') from None
+  # Fields added to the package since the run was recorded take their defaults (which keep the old behaviour).
+  return ml_collections.ConfigDict(_merged(default_config.get_config().to_dict(), recorded))
+
+
+def _merged(defaults: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
+  out = dict(defaults)
+  for key, value in recorded.items():
+    both_sections = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+    out[key] = _merged(defaults[key], value) if both_sections else value
+  return out
 
 
 def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -82,7 +96,13 @@ def fixed_field_changes(recorded: ml_collections.ConfigDict, given: ml_collectio
   """(field, recorded value, given value) for every field fixed by the run whose value differs."""
   a, b = _flat(recorded), _flat(given)
   # A field only one side has (newer or older than the recording) says nothing about a change.
-  return [(field, a[field], b[field]) for field in sorted(set(a) & set(b)) if _fixed(field) and a[field] != b[field]]
+  changes = [(f, a[f], b[f]) for f in sorted(set(a) & set(b)) if _fixed(f) and a[f] != b[f]]
+  return [c for c in changes if not _is_a_fixed_variance_swap(*c)]
+
+
+def _is_a_fixed_variance_swap(field: str, recorded: Any, given: Any) -> bool:
+  return (field == 'diffusion.var_type' and recorded in diffusion.VAR_TYPES and given in diffusion.VAR_TYPES
+          and not diffusion.learns_variance(recorded) and not diffusion.learns_variance(given))
 
 
 def for_inference(workdir: str, given: Optional[ml_collections.ConfigDict] = None) -> ml_collections.ConfigDict:

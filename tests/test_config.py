@@ -56,6 +56,7 @@ def test_256_configs_follow_appendix_b():
     ('training.batch_size', 12, 8),            # not divisible by 8 devices
     ('training.ema_decay', 1.0, 1),
     ('training.parallelism', 'pjit', 1),
+    ('optim.lr_decay', 'exponential', 1),
     ('training.log_every', 3, 1),              # not a multiple of steps_per_call = 2 (set below)
     ('optim.lr', 0.0, 1),
     ('model.ch_mult', (), 1),
@@ -129,6 +130,7 @@ def test_sampling_fields_that_would_be_ignored():
     ('model.attn_resolutions', (32, 16)),      # every level of the 32/16 test U-Net
     ('training.num_steps', 4),                 # a multiple of steps_per_call = 2 (set below)
     ('optim.warmup_steps', 0),
+    ('optim.lr_decay', 'cosine'),
     ('optim.grad_clip', 0.0),
     ('optim.weight_decay', 0.0),
     ('training.keep_checkpoints', 1),

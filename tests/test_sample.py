@@ -1,6 +1,7 @@
 """`--mode=sample` (ddpm_jax.sample.sample_and_export): deterministic in the seed, uint8 NHWC samples of the
 requested count (also when it is not a multiple of the batch), and the grid that goes with them."""
 
+import json
 import os
 
 import numpy as np
@@ -84,6 +85,13 @@ def test_a_workdir_samples_with_the_config_it_records(workdir, tmp_path):
   model = models.create_model(config)
   checkpointing.save_inference_checkpoint(recorded_dir, STEP, random_params(model, 0), random_params(model, 1))
   workdir_config.write(make_config(5), recorded_dir)
+  # A recording from before a field existed (here optim.lr_decay) reads with the field's default.
+  with open(workdir_config.path(recorded_dir)) as f:
+    recording = json.load(f)
+  del recording['optim']['lr_decay']
+  with open(workdir_config.path(recorded_dir), 'w') as f:
+    json.dump(recording, f)
+  assert workdir_config.read(recorded_dir).optim.lr_decay == 'none'
   run.run('sample', None, recorded_dir)
   with np.load(os.path.join(recorded_dir, 'samples', f'step_{STEP}', 'samples.npz')) as z:
     from_recording = z['images']
@@ -94,6 +102,13 @@ def test_a_workdir_samples_with_the_config_it_records(workdir, tmp_path):
   given = make_config(3, seed=1)
   given.model.dtype = 'bfloat16'
   assert workdir_config.for_inference(recorded_dir, given) is given
+  # The fixed reverse variance is the sampler's choice (sigma^2 = beta or beta~); a learned one is the model's.
+  given.diffusion.var_type = 'fixedsmall' if given.diffusion.var_type == 'fixedlarge' else 'fixedlarge'
+  assert workdir_config.for_inference(recorded_dir, given) is given
+  given.diffusion.var_type = 'learned_range'
+  assert_one_line_error(lambda: run.run('sample', given, recorded_dir), 'config.diffusion.var_type=',
+                        error=errors.ConfigError)
+  given.diffusion.var_type = make_config(3).diffusion.var_type
   given.diffusion.num_timesteps = 10
   given.model.ch_mult = (1, 2, 2)
   assert_one_line_error(lambda: run.run('sample', given, recorded_dir), 'config.diffusion.num_timesteps=10',

@@ -168,6 +168,36 @@ def test_ema_warmup_and_clipping_values():
   assert relative_error(s2.ema_params, s2.params) > 0  # not simply the params
 
 
+@pytest.mark.parametrize('decay', ['cosine', 'linear'])
+def test_learning_rate_decays_to_zero_at_the_last_step(decay):
+  config = tiny_config(lr=1e-3, warmup_steps=10, lr_decay=decay)
+  config.training.num_steps = 110
+  schedule = ts.learning_rate_schedule(config)
+  lrs = np.asarray([float(schedule(s)) for s in range(111)])
+  np.testing.assert_allclose(lrs[:11], 1e-3 * np.arange(11) / 10, rtol=1e-6)  # the warmup is unchanged
+  progress = np.arange(100) / 100  # steps 10..109, then 0 at num_steps
+  expected = 0.5 * (1 + np.cos(np.pi * progress)) if decay == 'cosine' else 1 - progress
+  np.testing.assert_allclose(lrs[10:110], 1e-3 * expected, rtol=1e-5, atol=1e-9)
+  assert lrs[110] == 0.0
+  config.optim.lr_decay = 'none'  # the paper's constant rate after warmup
+  assert float(ts.learning_rate_schedule(config)(109)) == pytest.approx(1e-3)
+
+
+def test_ema_warmup_averages_with_the_tf_num_updates_rule():
+  config = tiny_config(warmup_steps=0)
+  config.training.ema_decay = 0.99
+  config.training.ema_warmup = True
+  model, diffusion, optimizer, state = build(config)
+  fn = jax.jit(ts.make_step_fn(model, diffusion, optimizer, config, jax.random.key(5)))
+  s1, _ = fn(state, images(5, 1))
+  s2, _ = fn(s1, images(6, 1))
+  # Update n uses decay min(0.99, (1 + n) / (10 + n)): 0.1 at n = 0, 2/11 at n = 1 (constant 0.99 would barely move).
+  for prev, new, decay in ((state, s1, 0.1), (s1, s2, 2 / 11)):
+    expected = jax.tree.map(lambda e, p, d=decay: d * e + (1 - d) * p, prev.ema_params, new.params)
+    assert relative_error(new.ema_params, expected) < 1e-6
+  assert float(ts.ema_decay(config, jnp.asarray(10_000))) == pytest.approx(0.99)
+
+
 def test_a_bfloat16_step_follows_the_float32_step():
   config32 = tiny_config()
   config16 = tiny_config()
