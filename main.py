@@ -9,7 +9,6 @@ Anything the user can fix (a flag, a config field or file, the workdir, the data
 """
 
 import os
-import sys
 
 # Where TensorFlow is installed (only `tfds build` needs it), tfds may import it: keep it quiet. These lines only
 # silence it; keeping it off the accelerators is data/sources.py's job (it hides the GPUs from TF when TF is loaded).
@@ -20,6 +19,9 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from ddpm_jax import command_line
+from ddpm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file (required to train; '
@@ -33,60 +35,20 @@ flags.DEFINE_integer('num_processes', None, 'Number of processes, for a manual m
 flags.DEFINE_integer('process_id', None, 'This process index, for a manual multi-process launch.')
 flags.mark_flags_as_required(['workdir'])
 
-USAGE_ERROR_EXIT = 2
-
-
-def _fail(message: str, code: int = USAGE_ERROR_EXIT) -> None:
-  print(f'ddpm_jax: error: {" ".join(str(message).split())}', file=sys.stderr)
-  sys.exit(code)
-
-
-def _config_arg(argv) -> str:
-  values = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
-  return values[-1] if values else '?'
-
-
-def _config_file_error(argv, e: BaseException) -> None:
-  cause = e
-  while cause.__cause__ is not None or cause.__context__ is not None:
-    cause = cause.__cause__ or cause.__context__
-  last = [line.strip() for line in str(cause).splitlines() if line.strip()]
-  _fail(f'--config={_config_arg(argv)}: cannot load the config file ({type(cause).__name__}: '
-        f'{last[-1] if last else cause})')
+PROGRAM = 'ddpm_jax'
 
 
 def parse_flags(argv):
   """absl's flag parsing, with every error as one line: a bad flag, an unknown config field, a broken config file."""
   try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    _fail(f'{e} (see --helpshort)')
-  except Exception as e:  # pylint: disable=broad-except  (the config file is user code: anything can come out)
-    if isinstance(e, (KeyError, AttributeError)):  # ml_collections: an override of a field the config lacks
-      text = str(e.args[0] if e.args else e).strip('\'"')
-      key, hint = text.splitlines()[0].strip('\'"'), ' '.join(text.splitlines()[1:])  # "Did you mean ...?"
-      overrides = [a.split('=', 1)[0] for a in argv if a.startswith('--config.')]
-      named = [o for o in overrides if key in o[len('--config.'):].split('.')]
-      if named:
-        _fail(f'{" / ".join(named)}: the config from --config={_config_arg(argv)} has no field {key!r}'
-              f'{" (" + hint + ")" if hint else ""}; every field is listed, with what it does, in '
-              'ddpm_jax/default_config.py')
-    _config_file_error(argv, e)
-
-
-def _load_config(argv):
-  try:
-    config = FLAGS.config
-    config.to_dict()  # a file that failed to load gives a placeholder that raises on first use: use it here
-    return config
-  except Exception as e:  # pylint: disable=broad-except
-    _config_file_error(argv, e)
+    return command_line.parse(FLAGS, argv)
+  except UserError as e:
+    command_line.fail(PROGRAM, e)
 
 
 def main(argv):
-  if len(argv) > 1:
-    _fail(f'unexpected arguments: {argv[1:]} (flags are --name=value)')
-  config = _load_config(sys.argv) if FLAGS.config is not None else None  # sample/eval: the workdir's own
+  del argv  # parse_flags leaves none
+  config = FLAGS.config  # None for sample/eval without --config: the workdir's own
   from ddpm_jax import console  # pylint: disable=g-import-not-at-top
   console.setup(FLAGS.verbosity)
   import jax  # pylint: disable=g-import-not-at-top
@@ -100,10 +62,10 @@ def main(argv):
 
   try:
     run.run(FLAGS.mode, config, FLAGS.workdir)
-  except errors.UserError as e:
-    _fail(str(e))
+  except UserError as e:
+    command_line.fail(PROGRAM, e)
   except errors.TrainingDivergedError as e:
-    _fail(str(e), code=1)
+    command_line.fail(PROGRAM, e, code=1)
   logging.flush()
 
 

@@ -101,11 +101,48 @@ def count_flops(fn) -> float:
   return float(counter.get_total_flops())
 
 
+def make_train_step(config, model, net, adam: str = 'default'):
+  """`step(x0) -> loss`: q_sample, forward, MSE to the noise, backward, clipping, Adam and the EMA lerp of
+  `model`'s parameters (`net` is `model`, or its torch.compile)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  betas = np.linspace(config.diffusion.beta_start, config.diffusion.beta_end, config.diffusion.num_timesteps)
+  alphas_cumprod = torch.from_numpy(np.cumprod(1.0 - betas)).float()
+  sqrt_ab, sqrt_1mab = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
+  num_t = config.diffusion.num_timesteps
+  bf16 = config.model.dtype == 'bfloat16'
+  kwargs = {'foreach': True} if adam == 'foreach' else {'fused': True} if adam == 'fused' else {}
+  opt = torch.optim.Adam(model.parameters(), lr=config.optim.lr, betas=(config.optim.b1, config.optim.b2),
+                         eps=config.optim.eps, **kwargs)
+  params = [p for p in model.parameters()]
+  ema = [p.detach().clone() for p in params]
+  decay = config.training.ema_decay
+  clip = config.optim.grad_clip
+
+  def train_step(x0):
+    model.train()
+    t = torch.randint(0, num_t, (x0.shape[0],))
+    noise = torch.randn_like(x0)
+    x_t = sqrt_ab[t].view(-1, 1, 1, 1) * x0 + sqrt_1mab[t].view(-1, 1, 1, 1) * noise
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+      pred = net(x_t, t).sample
+    loss = torch.nn.functional.mse_loss(pred.float(), noise)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip > 0:
+      torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    with torch.no_grad():
+      torch._foreach_lerp_(ema, params, 1.0 - decay)  # pylint: disable=protected-access
+    return loss
+
+  return train_step
+
+
 def benchmark(config, batch_size: int, steps: int, warmup: int, threads: int, adam: str = 'default',
               channels_last: bool = False, compile_model: bool = False, do_train: bool = True,
               do_forward: bool = True, peak_tflops=None) -> dict[str, Any]:
   import diffusers  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import UNet2DModel  # pylint: disable=g-import-not-at-top
 
@@ -132,9 +169,6 @@ def benchmark(config, batch_size: int, steps: int, warmup: int, threads: int, ad
 
   side, c = cfg['sample_size'], cfg['in_channels']
   x0 = torch.rand(batch_size, c, side, side).mul_(2).sub_(1).contiguous(memory_format=fmt)
-  betas = np.linspace(config.diffusion.beta_start, config.diffusion.beta_end, config.diffusion.num_timesteps)
-  alphas_cumprod = torch.from_numpy(np.cumprod(1.0 - betas)).float()
-  sqrt_ab, sqrt_1mab = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
   num_t = config.diffusion.num_timesteps
 
   def autocast():
@@ -142,30 +176,8 @@ def benchmark(config, batch_size: int, steps: int, warmup: int, threads: int, ad
 
   peak = throughput.peak_flops(res['device'], config.model.dtype, peak_tflops)
   if do_train:
-    kwargs = {'foreach': True} if adam == 'foreach' else {'fused': True} if adam == 'fused' else {}
-    opt = torch.optim.Adam(model.parameters(), lr=config.optim.lr, betas=(config.optim.b1, config.optim.b2),
-                           eps=config.optim.eps, **kwargs)
-    params = [p for p in model.parameters()]
-    ema = [p.detach().clone() for p in params]
-    decay = config.training.ema_decay
-    clip = config.optim.grad_clip
-
-    def train_step():
-      model.train()
-      t = torch.randint(0, num_t, (batch_size,))
-      noise = torch.randn_like(x0)
-      x_t = sqrt_ab[t].view(-1, 1, 1, 1) * x0 + sqrt_1mab[t].view(-1, 1, 1, 1) * noise
-      with autocast():
-        pred = net(x_t, t).sample
-      loss = torch.nn.functional.mse_loss(pred.float(), noise)
-      opt.zero_grad(set_to_none=True)
-      loss.backward()
-      if clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, clip)
-      opt.step()
-      with torch.no_grad():
-        torch._foreach_lerp_(ema, params, 1.0 - decay)  # pylint: disable=protected-access
-      return loss
+    step = make_train_step(config, model, net, adam)
+    train_step = lambda: step(x0)  # pylint: disable=unnecessary-lambda-assignment
 
     t0 = time.perf_counter()
     if compile_model:

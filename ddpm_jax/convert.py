@@ -31,6 +31,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from ddpm_jax import command_line
 from ddpm_jax import config_validation
 from ddpm_jax import console
 from ddpm_jax import default_config
@@ -485,46 +486,13 @@ def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
   return fv
 
 
-def _last_line(e: BaseException) -> str:
-  """The root cause of `e`, one line: a config file's own exception, not ml_collections' wrapping of it."""
-  while e.__cause__ is not None or e.__context__ is not None:
-    e = e.__cause__ or e.__context__
-  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-  return f'{type(e).__name__}: {lines[-1] if lines else ""}'.rstrip(': ')
-
-
 def parse_flags(argv: Sequence[str]) -> flags.FlagValues:
   """Parses the command's flags (`argv` without the program name). Every mistake -- an unknown or missing flag, a
   bad value, a config file that does not load, an override of a field the config lacks -- is a one-line
   UserError naming the flag."""
   argv = [_PROGRAM] + list(argv)
   fv = _define_flags(argv)
-  config_arg = None  # the config file as given (--config=FILE or --config FILE), for messages
-  for a, following in zip(argv, argv[1:] + ['']):
-    if a.startswith('--config='):
-      config_arg = a.split('=', 1)[1]
-    elif a == '--config':
-      config_arg = following
-  try:
-    extra = fv(argv)[1:]
-    if fv['config'].present:
-      fv.config.to_dict()  # a file that failed to load leaves a placeholder that raises on first use
-  except flags.Error as e:
-    first = str(e).splitlines()[0]
-    if 'Error whilst parsing config file' in first:  # the file raised: ml_collections quotes its traceback
-      raise errors.UserError(f'--config={config_arg}: cannot load the config file ({_last_line(e)})') from None
-    raise errors.UserError(f'{first} (see --help)') from None
-  except (KeyError, AttributeError) as e:  # an override of a field the config does not have
-    # ml_collections raises AttributeError(KeyError("'field'\nDid you mean ...?")) or the KeyError itself.
-    cause = e.args[0] if e.args and isinstance(e.args[0], KeyError) else e
-    key, *hint = str(cause.args[0] if cause.args else cause).splitlines() or ['?']
-    overrides = [a.split('=', 1)[0] for a in argv if a.startswith('--config.')]
-    raise errors.UserError(f'{" / ".join(overrides)}: the config from --config={config_arg} has no field '
-                           f'{key.strip(chr(39) + chr(34))!r}{" (" + " ".join(hint) + ")" if hint else ""}') from None
-  except Exception as e:  # pylint: disable=broad-except  (the config file is user code: anything can come out)
-    raise errors.UserError(f'--config={config_arg}: cannot load the config file ({_last_line(e)})') from None
-  if extra:
-    raise errors.UserError(f'unexpected arguments: {extra} (flags are --name=value)')
+  command_line.parse(fv, argv)
   return fv
 
 
@@ -547,8 +515,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     base = fv.config if fv['config'].present else None
     config = convert_checkpoint(fv.checkpoint, fv.out, fv.step, base)
   except errors.UserError as e:
-    print(f'{_PROGRAM}: error: {" ".join(str(e).split())}', file=sys.stderr)
-    return 2
+    print(command_line.error_line(_PROGRAM, e), file=sys.stderr)
+    return command_line.USAGE_ERROR_EXIT
   m = config.model
   print(f'wrote {fv.out}/checkpoints/{fv.step} and {fv.out}/config.json: ch={m.ch} ch_mult={tuple(m.ch_mult)} '
         f'num_res_blocks={m.num_res_blocks} attn_resolutions={tuple(m.attn_resolutions)} '

@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 
 from ddpm_jax import checkpointing
+from ddpm_jax import command_line
 from ddpm_jax import console
 from ddpm_jax import convert
 from ddpm_jax import diffusion as diffusion_lib
@@ -302,12 +303,7 @@ def _define_flags() -> flags.FlagValues:
 def parse_flags(argv: Sequence[str]) -> flags.FlagValues:
   """Parses `argv` (without the program name); an unknown or missing flag or a bad value is a one-line UserError."""
   fv = _define_flags()
-  try:
-    extra = fv([_PROGRAM] + list(argv))[1:]
-  except flags.Error as e:
-    raise errors.UserError(f'{str(e).splitlines()[0]} (see --help)') from None
-  if extra:
-    raise errors.UserError(f'unexpected arguments: {extra} (flags are --name=value)')
+  command_line.parse(fv, [_PROGRAM] + list(argv))
   return fv
 
 
@@ -322,8 +318,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     fv = parse_flags(argv)
     result = export(fv.workdir, fv.out, fv.ema, fv.step)
   except errors.UserError as e:
-    print(f'{_PROGRAM}: error: {" ".join(str(e).split())}', file=sys.stderr)
-    return 2
+    print(command_line.error_line(_PROGRAM, e), file=sys.stderr)
+    return command_line.USAGE_ERROR_EXIT
   which = 'EMA' if result['ema'] else 'raw (non-EMA)'
   print(f'wrote {fv.out}: DDPMPipeline ({UNET_DIR}/ + {SCHEDULER_DIR}/) with the {which} parameters of step '
         f'{result["step"]}; load it with diffusers.DDPMPipeline.from_pretrained({fv.out!r})')

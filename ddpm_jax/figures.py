@@ -29,7 +29,6 @@ a workdir without a checkpoint, eval json or training metrics is one line and ex
 from __future__ import annotations
 
 import os
-import sys
 
 # TensorFlow (which tfds may import) must neither claim accelerator memory nor talk; set before it can be imported.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -47,6 +46,7 @@ import ml_collections
 import numpy as np
 
 from ddpm_jax import checkpointing
+from ddpm_jax import command_line
 from ddpm_jax import console
 from ddpm_jax import default_config
 from ddpm_jax import diffusion as diffusion_lib
@@ -413,18 +413,14 @@ def define_flags() -> None:
   flags.mark_flags_as_required(['workdir', 'figure'])
 
 
-def _fail(message: str) -> None:
-  print(f'ddpm_jax.figures: error: {" ".join(str(message).split())}', file=sys.stderr)
-  sys.exit(2)
+_PROGRAM = 'ddpm_jax.figures'
 
 
 def _parse_flags(argv):
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(f'{e} (see --helpshort)')
-  except Exception as e:  # pylint: disable=broad-except  (the config file is user code: anything can come out)
-    _fail(f'cannot load --config ({type(e).__name__}: {e})')
+    return command_line.parse(flags.FLAGS, argv)
+  except UserError as e:
+    command_line.fail(_PROGRAM, e)
 
 
 def _options(f) -> Options:
@@ -443,8 +439,7 @@ def _options(f) -> Options:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    _fail(f'unexpected arguments: {argv[1:]} (flags are --name=value)')
+  del argv  # _parse_flags leaves none
   f = flags.FLAGS
   console.setup(f.verbosity)
   try:
@@ -452,7 +447,7 @@ def main(argv: Sequence[str]) -> None:
     config = load_config(f.config, f.workdir, names)
     draw(names, config, f.workdir, f.out, _options(f))
   except UserError as e:
-    _fail(str(e))
+    command_line.fail(_PROGRAM, e)
   logging.flush()
 
 
