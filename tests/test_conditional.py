@@ -437,3 +437,22 @@ def test_digit_classifier_on_real_labelled_digits(tmp_path, capsys):
   assert digit_classifier.agreement(predict(digit_classifier.load_samples(str(wrong))[0]), labels)['agreement'] < 0.1
   with pytest.raises(ValueError, match='unconditional'):
     digit_classifier.load_samples(str(uncond))
+
+
+def test_quickstart_quality_classifies_real_digits_confidently_and_noise_not(tmp_path):
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench'))
+  try:
+    import quickstart_quality  # pylint: disable=g-import-not-at-top
+    import digit_classifier  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  test_x, test_y = digit_classifier.load_digits('test')
+  real = quickstart_quality.classify(images_lib.to_uint8(test_x), confidence=0.9)
+  # The 500 held-out digits: 50 per class; the classifier is ~95% right, and mostly sure of itself.
+  assert sum(real['class_histogram']) == 500
+  assert np.abs(np.asarray(real['class_histogram']) - np.bincount(test_y, minlength=NUM_CLASSES)).sum() < 60
+  assert real['confident_fraction'] > 0.8
+  assert sum(real['class_histogram_confident']) == round(real['confident_fraction'] * 500)
+  # Speckled blobs (what a bad sampler draws) are not confidently any digit.
+  noise = np.random.RandomState(0).randint(0, 256, (200, 28, 28, 1)).astype(np.uint8)
+  assert quickstart_quality.classify(noise, confidence=0.9)['confident_fraction'] < 0.3
