@@ -1,12 +1,13 @@
 """The device mesh and the two layouts everything uses: batch sharded on `data`, everything else replicated.
 
 One mesh axis `data` spans every device of every process. Each process feeds its local slice of a global batch
-(`global_batch_array`) and reads results back with `to_host`, which gathers across processes.
+(`global_batch_array`) and reads results back with `to_host`, which gathers across processes; `pad_local` pads a
+host batch with masked rows so it splits over the local devices.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Dict, Optional
 
 import jax
 from jax.experimental import multihost_utils
@@ -45,3 +46,20 @@ def to_host(tree: Any) -> Any:
   if jax.process_count() == 1:
     return jax.device_get(tree)
   return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def pad_local(arrays: Dict[str, Optional[np.ndarray]], multiple: int) -> Dict[str, Optional[np.ndarray]]:
+  """Pads every array along axis 0 to a multiple of `multiple` by repeating row 0 (mask padded with False)."""
+  n = len(arrays['mask'])
+  pad = (-n) % multiple
+  if not pad:
+    return arrays
+  out = {}
+  for k, v in arrays.items():
+    if v is None:
+      out[k] = None
+    elif k == 'mask':
+      out[k] = np.concatenate([v, np.zeros((pad,), bool)])
+    else:
+      out[k] = np.concatenate([v, np.repeat(v[:1], pad, axis=0)])
+  return out

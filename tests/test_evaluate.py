@@ -17,6 +17,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import test as test_config
+from ddpm_jax import bits_per_dim
 from ddpm_jax import checkpointing
 from ddpm_jax import errors
 from ddpm_jax import diffusion as diffusion_lib
@@ -30,6 +31,7 @@ from ddpm_jax import sharding
 from ddpm_jax.evaluation import cache as fid_cache
 from ddpm_jax.evaluation import inception_weights
 from ddpm_jax.evaluation import metrics
+from ddpm_jax.evaluation import progress as progress_lib
 from tests.helpers import random_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +49,7 @@ def mock_data():
 
 @pytest.fixture(autouse=True)
 def bpd_in_chunks(monkeypatch):
-  monkeypatch.setattr(evaluate, 'BPD_CHUNK_TIMESTEPS', BPD_CHUNK_TIMESTEPS)
+  monkeypatch.setattr(bits_per_dim, 'BPD_CHUNK_TIMESTEPS', BPD_CHUNK_TIMESTEPS)
 
 
 @pytest.fixture(autouse=True)
@@ -166,7 +168,7 @@ def test_bpd_terms_rate_distortion_and_direct_computation(tmp_path, params):
     assert r['rmse'] > 0
   np.testing.assert_allclose(rd[0]['distortion_bpd'], terms['decoder'], rtol=1e-12)
   np.testing.assert_allclose(rd[-1]['rate_bpd'], terms['prior'], rtol=1e-12)
-  assert results['protocol']['bpd'] == evaluate.BPD_DEFINITION
+  assert results['protocol']['bpd'] == bits_per_dim.BPD_DEFINITION
   assert results['protocol']['params'] == 'EMA' and 'fid_train' not in results
 
   # Direct computation: calc_bpd_loop on each batch (key fold_in(bpd_key, b)), real examples only, EMA params.
@@ -175,7 +177,7 @@ def test_bpd_terms_rate_distortion_and_direct_computation(tmp_path, params):
   def mean_bpd(p):
     values = []
     for b, batch in enumerate(input_pipeline.create_eval_iterator(config, 'test', 8)):
-      rng = jax.random.fold_in(evaluate.bpd_key(config.seed), b)
+      rng = jax.random.fold_in(bits_per_dim.bpd_key(config.seed), b)
       out = np.asarray(direct(p, jnp.asarray(batch['image']), rng)['total_bpd'])
       values.append(out[np.asarray(batch['mask'], bool)])
     return np.concatenate(values).mean()
@@ -192,15 +194,15 @@ def test_chunked_bound_equals_one_scan_of_calc_bpd_loop(params):
   model = models.create_model(config)
   diffusion = diffusion_lib.from_config(config.diffusion)
   num_t = diffusion.num_timesteps
-  chunk_size, num_chunks = evaluate.bpd_chunks(num_t)
+  chunk_size, num_chunks = bits_per_dim.bpd_chunks(num_t)
   assert (chunk_size, num_chunks) == (7, 3)
   batch = list(input_pipeline.create_eval_iterator(config, 'test', 8))[2]  # 4 real examples and 4 of padding
   mask = np.asarray(batch['mask'], bool)
   assert mask.sum() == 4
-  rng = jax.random.fold_in(evaluate.bpd_key(config.seed), 2)
+  rng = jax.random.fold_in(bits_per_dim.bpd_key(config.seed), 2)
   mesh = sharding.create_mesh()
   timesteps_done = []
-  chunked = evaluate._bpd_batch(evaluate.make_bpd_chunk_fn(model, diffusion, mesh, chunk_size), chunk_size, num_t,
+  chunked = bits_per_dim._bpd_batch(bits_per_dim.make_bpd_chunk_fn(model, diffusion, mesh, chunk_size), chunk_size, num_t,
                                 params[1], batch, rng, mesh, False, timesteps_done.append)
   assert timesteps_done == [7, 14, 20]
 
@@ -235,7 +237,7 @@ def interrupt_after(monkeypatch, module, name, calls_allowed, counter):
 
 def interrupt_bpd_chunks_after(monkeypatch, calls_allowed, counter):
   """Counts (and stops after `calls_allowed`) the runs of the compiled bits/dim chunk program."""
-  make_chunk_fn = evaluate.make_bpd_chunk_fn
+  make_chunk_fn = bits_per_dim.make_bpd_chunk_fn
 
   def counted_make_chunk_fn(*args, **kwargs):
     chunk_fn = make_chunk_fn(*args, **kwargs)
@@ -246,7 +248,7 @@ def interrupt_bpd_chunks_after(monkeypatch, calls_allowed, counter):
       counter['n'] += 1
       return chunk_fn(*chunk_args)
     return chunk
-  monkeypatch.setattr(evaluate, 'make_bpd_chunk_fn', counted_make_chunk_fn)
+  monkeypatch.setattr(bits_per_dim, 'make_bpd_chunk_fn', counted_make_chunk_fn)
 
 
 def test_fid_orchestration_and_exact_resume(tmp_path, params, monkeypatch, caplog):
@@ -312,8 +314,8 @@ def test_fid_orchestration_and_exact_resume(tmp_path, params, monkeypatch, caplo
   # run computes only what the previous ones left, so together they do the uninterrupted run's work, no more.
   workdir = save_checkpoint(tmp_path / 'resumed', params)
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg_resumed'))  # a cold cache: the references are computed
-  monkeypatch.setattr(evaluate, 'PROGRESS_SAVE_SECONDS', 0.0)
-  chunks_per_batch = evaluate.bpd_chunks(config.diffusion.num_timesteps)[1]
+  monkeypatch.setattr(progress_lib, 'PROGRESS_SAVE_SECONDS', 0.0)
+  chunks_per_batch = bits_per_dim.bpd_chunks(config.diffusion.num_timesteps)[1]
   runs = [('bpd', 2 * chunks_per_batch), ('features', 1), ('generate', 1)]  # two bpd batches; one batch each
   done = []
   for interrupted, allowed in runs:
@@ -383,7 +385,7 @@ def test_missing_inception_weights_fail_fast(tmp_path, monkeypatch):
   def must_not_run(*args, **kwargs):
     raise AssertionError('evaluation started without Inception weights')
   for module, name in ((checkpointing, 'restore_inference_params'), (sample, 'make_sample_fn'),
-                       (evaluate, 'compute_bpd')):
+                       (bits_per_dim, 'compute_bpd')):
     monkeypatch.setattr(module, name, must_not_run)
   with pytest.raises(evaluate.FIDNetworkUnavailableError) as info:
     evaluate.evaluate(config, str(tmp_path))

@@ -21,9 +21,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import test as test_config
+from ddpm_jax import bits_per_dim
 from ddpm_jax import checkpointing
 from ddpm_jax import diffusion as diffusion_lib
-from ddpm_jax import evaluate
 from ddpm_jax import figure_data
 from ddpm_jax import figures
 from ddpm_jax import images as images_lib
@@ -51,12 +51,12 @@ def mock_data():
 
 
 def eval_results(num_timesteps=20):
-  """An eval json's contents as `evaluate.bpd_results` writes them, from made-up accumulated sums."""
+  """An eval json's contents as `bits_per_dim.bpd_results` writes them, from made-up accumulated sums."""
   rng = np.random.default_rng(0)
   state = {'count': np.asarray(10.0), 'total_bpd': np.asarray(35.0), 'total_bpd_sq': np.asarray(125.0),
            'vb': rng.uniform(0.01, 0.5, num_timesteps) * 10, 'prior_bpd': np.asarray(1e-4),
            'xstart_mse': np.linspace(1e-3, 0.9, num_timesteps) * 10, 'eps_mse': np.ones(num_timesteps)}
-  return {'step': STEP, **evaluate.bpd_results(state, 'test')}
+  return {'step': STEP, **bits_per_dim.bpd_results(state, 'test')}
 
 
 @pytest.fixture(scope='module')

@@ -19,7 +19,7 @@ LAYERS = (
     ('math', ('diffusion', 'likelihood', 'losses', 'samplers')),
     ('components', ('models', 'data', 'input_pipeline', 'evaluation', 'checkpointing')),
     ('config', ('config_validation', 'workdir_config')),
-    ('steps', ('train_state', 'sample', 'figure_data', 'figure_plots')),
+    ('steps', ('train_state', 'sample', 'bits_per_dim', 'figure_data', 'figure_plots')),
     ('modes', ('train', 'evaluate', 'figures', 'convert', 'export')),
     ('dispatch', ('run',)),
 )
