@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from ddpm_jax import checkpointing
 from ddpm_jax import models
 
 
@@ -53,6 +54,14 @@ def random_params(model, seed=0):
     return noise / np.float32(np.sqrt(np.prod(shape.shape[:-1])))
 
   return jax.tree_util.tree_map_with_path(draw, models.param_shapes(model))
+
+
+def save_random_checkpoint(workdir, config, step):
+  """A workdir holding an inference checkpoint of `config`'s model at `step`: raw params random_params(seed 0),
+  EMA params random_params(seed 1) (different, so a test sees which ones were used)."""
+  model = models.create_model(config)
+  checkpointing.save_inference_checkpoint(str(workdir), step, random_params(model, 0), random_params(model, 1))
+  return str(workdir)
 
 
 def random_diffusers_unet(config, seed=0):

@@ -10,11 +10,10 @@ import tensorflow_datasets as tfds
 
 from configs import test as test_config
 from ddpm_jax import checkpointing
-from ddpm_jax import models
 from ddpm_jax import config_validation
 from ddpm_jax import sample
 from ddpm_jax import train
-from tests.helpers import random_params
+from tests.helpers import save_random_checkpoint
 
 
 def _host_copy(tree):
@@ -72,8 +71,7 @@ def test_training_at_the_optimizer_checkpoint_and_timestep_boundaries(tmp_path, 
 def test_respacing_that_keeps_all_steps_samples_as_the_full_chain(tmp_path, method, respacing):
   config = test_config.get_config()
   assert config.diffusion.num_timesteps == 20
-  model = models.create_model(config)
-  checkpointing.save_inference_checkpoint(str(tmp_path), 1, random_params(model, 0), random_params(model, 1))
+  save_random_checkpoint(tmp_path, config, 1)
 
   def draw(spec):
     config.sample.method, config.sample.respacing = method, spec

@@ -22,7 +22,6 @@ import tensorflow_datasets as tfds
 
 from configs import test as test_config
 from ddpm_jax import bits_per_dim
-from ddpm_jax import checkpointing
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import figure_data
 from ddpm_jax import figures
@@ -35,6 +34,7 @@ from ddpm_jax import tensorboard_writer
 from ddpm_jax import workdir_config
 from ddpm_jax.errors import UserError
 from tests.helpers import random_params
+from tests.helpers import save_random_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOCK_EXAMPLES = 8
@@ -63,9 +63,7 @@ def eval_results(num_timesteps=20):
 def workdir(tmp_path_factory):
   """A run directory: checkpoint, eval json and training event files with loss_q0..loss_q3."""
   config = test_config.get_config()
-  path = str(tmp_path_factory.mktemp('figures'))
-  model = models.create_model(config)
-  checkpointing.save_inference_checkpoint(path, STEP, random_params(model, 0), random_params(model, 1))
+  path = save_random_checkpoint(tmp_path_factory.mktemp('figures'), config, STEP)
   workdir_config.write(config, path)
   os.makedirs(os.path.join(path, 'eval'))
   with open(os.path.join(path, 'eval', f'step_{STEP}.json'), 'w') as f:

@@ -17,17 +17,14 @@ from ddpm_jax import sample
 from ddpm_jax import workdir_config
 from tests.helpers import assert_one_line_error
 from tests.helpers import random_params
+from tests.helpers import save_random_checkpoint
 
 STEP = 3
 
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
-  config = test_config.get_config()
-  path = str(tmp_path_factory.mktemp('sampling'))
-  model = models.create_model(config)
-  checkpointing.save_inference_checkpoint(path, STEP, random_params(model, 0), random_params(model, 1))
-  return path
+  return save_random_checkpoint(tmp_path_factory.mktemp('sampling'), test_config.get_config(), STEP)
 
 
 def make_config(num_samples, batch_size=8, seed=0):
@@ -80,10 +77,7 @@ def test_samples_use_the_ema_params(workdir):
 
 def test_a_workdir_samples_with_the_config_it_records(workdir, tmp_path):
   # The recording (as training or convert writes it) is all `--mode=sample --workdir=W` needs.
-  recorded_dir = str(tmp_path / 'recorded')
-  config = test_config.get_config()
-  model = models.create_model(config)
-  checkpointing.save_inference_checkpoint(recorded_dir, STEP, random_params(model, 0), random_params(model, 1))
+  recorded_dir = save_random_checkpoint(tmp_path / 'recorded', test_config.get_config(), STEP)
   workdir_config.write(make_config(5), recorded_dir)
   # A recording from before a field existed (here optim.lr_decay) reads with the field's default.
   with open(workdir_config.path(recorded_dir)) as f:
