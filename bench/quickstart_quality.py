@@ -45,14 +45,6 @@ from ddpm_jax import workdir_config  # pylint: disable=g-import-not-at-top,wrong
 from ddpm_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Optional: the run\'s config file with sampler overrides (default: '
-                                'the config the workdir records).')
-flags.DEFINE_string('workdir', None, 'A quickstart run directory.', required=True)
-flags.DEFINE_integer('num_samples', 1000, 'N of FID@N.')
-flags.DEFINE_string('tag', None, 'Subdirectory of <workdir>/quality for the samples and the JSON (default: derived '
-                    'from the sampler).')
-flags.DEFINE_float('confidence', 0.9, 'Classifier probability that counts a sample as a clean digit.')
-
 
 def sampler_tag(config) -> str:
   s = config.sample
@@ -122,5 +114,17 @@ def main(argv):
   print(json.dumps(result))
 
 
+def define_flags() -> None:
+  """Command-line flags (defined only when run as a script: tests import the helpers)."""
+  config_flags.DEFINE_config_file('config', None, 'Optional: the run\'s config file with sampler overrides (default: '
+                                  'the config the workdir records).')
+  flags.DEFINE_string('workdir', None, 'A quickstart run directory.', required=True)
+  flags.DEFINE_integer('num_samples', 1000, 'N of FID@N.')
+  flags.DEFINE_string('tag', None, 'Subdirectory of <workdir>/quality for the samples and the JSON (default: derived '
+                      'from the sampler).')
+  flags.DEFINE_float('confidence', 0.9, 'Classifier probability that counts a sample as a clean digit.')
+
+
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
