@@ -155,6 +155,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   _require(isinstance(config.optim.warmup_steps, int) and config.optim.warmup_steps >= 0, 'optim.warmup_steps',
            config.optim.warmup_steps, 'must be an integer >= 0')
   _one_of(config, 'optim.lr_decay', LR_DECAYS)
+  _require(config.optim.lr_decay == 'none' or config.training.num_steps > config.optim.warmup_steps,
+           'optim.lr_decay', config.optim.lr_decay,
+           f'decays from the end of warmup to training.num_steps, so it needs training.num_steps '
+           f'({config.training.num_steps}) > optim.warmup_steps ({config.optim.warmup_steps}); lower '
+           "optim.warmup_steps or set optim.lr_decay='none'")
   _in_range(config, 'optim.grad_clip', 0.0, float('inf'))
   _in_range(config, 'optim.b1', 0.0, 1.0)
   _in_range(config, 'optim.b2', 0.0, 1.0)

@@ -156,3 +156,13 @@ def test_cli_bad_override_is_one_line_without_traceback(tmp_path):
   assert 'Traceback' not in proc.stderr
   assert "config.diffusion.loss_type='l3' is invalid" in proc.stderr
   assert not (workdir / 'checkpoints').exists()  # failed before anything was built
+
+
+def test_a_decay_needs_steps_after_the_warmup():
+  config = load('quickstart')
+  config.training.num_steps = 100  # a quick try of the quickstart (warmup 200, cosine decay)
+  assert _message(config) == ("config.optim.lr_decay='cosine' is invalid: decays from the end of warmup to "
+                              'training.num_steps, so it needs training.num_steps (100) > optim.warmup_steps (200); '
+                              "lower optim.warmup_steps or set optim.lr_decay='none'")
+  config.optim.lr_decay = 'none'  # a constant rate after (or within) warmup has no such limit
+  config_validation.validate_config(config, 1)
