@@ -51,6 +51,7 @@ def broken_config_file():
     (['--config=configs/test.py', '--config.modle.ch=64'], ['--config.modle.ch', "no field 'modle'"]),
     (['--config=configs/test.py', '--config.model.ch=abc'], ['--config.model.ch=abc']),
     (['--config=configs/test.py', '--mode=train_more'], ['--mode']),
+    (['--mode=sample', '--config.sample.num_samples=8'], ['--config.sample.num_samples', 'no --config is given']),
 ])
 def test_flag_and_config_file_errors_are_one_line(tmp_path, broken_config_file, args, fragments):
   args = [a.replace('BROKEN', broken_config_file) for a in args]
