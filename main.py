@@ -38,16 +38,8 @@ flags.mark_flags_as_required(['workdir'])
 PROGRAM = 'ddpm_jax'
 
 
-def parse_flags(argv):
-  """absl's flag parsing, with every error as one line: a bad flag, an unknown config field, a broken config file."""
-  try:
-    return command_line.parse(FLAGS, argv)
-  except UserError as e:
-    command_line.fail(PROGRAM, e)
-
-
 def main(argv):
-  del argv  # parse_flags leaves none
+  del argv  # command_line.parse leaves none
   config = FLAGS.config  # None for sample/eval without --config: the workdir's own
   from ddpm_jax import console  # pylint: disable=g-import-not-at-top
   console.setup(FLAGS.verbosity)
@@ -71,7 +63,7 @@ def main(argv):
 
 def entry() -> None:
   """`python main.py ...`: absl's app.run with one-line flag errors."""
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=command_line.flags_parser(PROGRAM))
 
 
 if __name__ == '__main__':

@@ -97,7 +97,8 @@ def peer_loop(config, steps: int, warmup: int = 20) -> dict:
       loss.item()
   loss.item()
   seconds = time.perf_counter() - start
-  return {'steps_per_s': steps / seconds, 'img_per_s': steps * batch / seconds, 'torch_threads': torch.get_num_threads()}
+  return {'steps_per_s': steps / seconds, 'img_per_s': steps * batch / seconds,
+          'torch_threads': torch.get_num_threads()}
 
 
 def main(argv):

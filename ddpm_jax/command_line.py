@@ -8,7 +8,7 @@ is built. Imports only absl and `errors`, so a wrong flag is reported before jax
 from __future__ import annotations
 
 import sys
-from typing import NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from absl import flags
 
@@ -21,9 +21,14 @@ def error_line(program: str, message: object) -> str:
   return f'{program}: error: {" ".join(str(message).split())}'
 
 
-def fail(program: str, message: object, code: int = USAGE_ERROR_EXIT) -> NoReturn:
+def report(program: str, message: object, code: int = USAGE_ERROR_EXIT) -> int:
+  """Prints the one line on stderr; returns `code` (for a `main` that returns its exit code)."""
   print(error_line(program, message), file=sys.stderr)
-  sys.exit(code)
+  return code
+
+
+def fail(program: str, message: object, code: int = USAGE_ERROR_EXIT) -> NoReturn:
+  sys.exit(report(program, message, code))
 
 
 def config_arg(argv: Sequence[str]) -> str:
@@ -81,3 +86,13 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str]) -> list[str]:
   if rest[1:]:
     raise UserError(f'unexpected arguments: {rest[1:]} (flags are --name=value)')
   return rest[:1]
+
+
+def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
+  """`app.run(main, flags_parser=...)` for absl's global FLAGS: `parse`, each mistake one line and exit 2."""
+  def parse_global_flags(argv: list[str]) -> list[str]:
+    try:
+      return parse(flags.FLAGS, argv)
+    except UserError as e:
+      fail(program, e)
+  return parse_global_flags

@@ -155,6 +155,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   _require(isinstance(config.optim.warmup_steps, int) and config.optim.warmup_steps >= 0, 'optim.warmup_steps',
            config.optim.warmup_steps, 'must be an integer >= 0')
   _one_of(config, 'optim.lr_decay', LR_DECAYS)
+  _require(isinstance(_get(config, 'training.ema_warmup'), bool), 'training.ema_warmup',
+           config.training.ema_warmup, 'must be True or False')
   _require(config.optim.lr_decay == 'none' or config.training.num_steps > config.optim.warmup_steps,
            'optim.lr_decay', config.optim.lr_decay,
            f'decays from the end of warmup to training.num_steps, so it needs training.num_steps '

@@ -515,8 +515,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     base = fv.config if fv['config'].present else None
     config = convert_checkpoint(fv.checkpoint, fv.out, fv.step, base)
   except errors.UserError as e:
-    print(command_line.error_line(_PROGRAM, e), file=sys.stderr)
-    return command_line.USAGE_ERROR_EXIT
+    return command_line.report(_PROGRAM, e)
   m = config.model
   print(f'wrote {fv.out}/checkpoints/{fv.step} and {fv.out}/config.json: ch={m.ch} ch_mult={tuple(m.ch_mult)} '
         f'num_res_blocks={m.num_res_blocks} attn_resolutions={tuple(m.attn_resolutions)} '

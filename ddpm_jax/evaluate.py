@@ -11,9 +11,10 @@ Writes `<workdir>/eval/step_<N>.json` and TensorBoard scalars (`eval/...`) with
 * a `protocol` block saying how every number was obtained.
 
 Resumable: partial sums, the sample feature accumulator and the reference-statistics accumulators are saved
-atomically (tmp file + os.replace) under `<workdir>/eval/` at most every `evaluation.progress.PROGRESS_SAVE_SECONDS`, and a restarted
-evaluation skips what was done. Deterministic: every batch has its own key (`fold_in(stream, batch_index)`) and
-host sums are float64 in a fixed order, so a resumed run gives bit-identical numbers.
+atomically (tmp file + os.replace) under `<workdir>/eval/` at most every `evaluation.progress.PROGRESS_SAVE_SECONDS`,
+and a restarted evaluation skips what was done. Deterministic: every batch has its own key
+(`fold_in(stream, batch_index)`) and host sums are float64 in a fixed order, so a resumed run gives bit-identical
+numbers.
 
 Tells how long it takes: the first line is the plan (checkpoint step; bits/dim examples, batches and timesteps;
 FID samples, batches and sampler; each reference split computed or read from its cache), then progress lines with a

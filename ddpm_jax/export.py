@@ -318,8 +318,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     fv = parse_flags(argv)
     result = export(fv.workdir, fv.out, fv.ema, fv.step)
   except errors.UserError as e:
-    print(command_line.error_line(_PROGRAM, e), file=sys.stderr)
-    return command_line.USAGE_ERROR_EXIT
+    return command_line.report(_PROGRAM, e)
   which = 'EMA' if result['ema'] else 'raw (non-EMA)'
   print(f'wrote {fv.out}: DDPMPipeline ({UNET_DIR}/ + {SCHEDULER_DIR}/) with the {which} parameters of step '
         f'{result["step"]}; load it with diffusers.DDPMPipeline.from_pretrained({fv.out!r})')

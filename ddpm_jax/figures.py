@@ -416,13 +416,6 @@ def define_flags() -> None:
 _PROGRAM = 'ddpm_jax.figures'
 
 
-def _parse_flags(argv):
-  try:
-    return command_line.parse(flags.FLAGS, argv)
-  except UserError as e:
-    command_line.fail(_PROGRAM, e)
-
-
 def _options(f) -> Options:
   try:
     shared_t = tuple(int(t) for t in f.shared_t)
@@ -439,7 +432,7 @@ def _options(f) -> Options:
 
 
 def main(argv: Sequence[str]) -> None:
-  del argv  # _parse_flags leaves none
+  del argv  # command_line.parse leaves none
   f = flags.FLAGS
   console.setup(f.verbosity)
   try:
@@ -454,7 +447,7 @@ def main(argv: Sequence[str]) -> None:
 def entry() -> None:
   """`python -m ddpm_jax.figures ...`: absl's app.run with one-line flag errors."""
   define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=command_line.flags_parser(_PROGRAM))
 
 
 if __name__ == '__main__':

@@ -237,7 +237,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> train_state_lib.T
   is_chief = jax.process_index() == 0
   writer = tensorboard_writer.create_writer(workdir, enabled=is_chief)
   if step == 0:
-    writer.write_hparams({'num_params': num_params, **{k: str(v) for k, v in traverse_util.flatten_dict(config.to_dict(), sep='.').items()}})
+    flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
+    writer.write_hparams({'num_params': num_params, **{k: str(v) for k, v in flat.items()}})
 
   sample_fn = None
   if tc.sample_every:

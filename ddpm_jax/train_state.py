@@ -53,7 +53,7 @@ class StepDraws:
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup from 0 to `optim.lr` over `optim.warmup_steps`, then constant (the DDPM recipe), or with
   `optim.lr_decay` 'cosine' / 'linear' down to 0 at `training.num_steps` (a short run ends on a settled model)."""
-  lr, warmup, decay = config.optim.lr, config.optim.warmup_steps, config.optim.get('lr_decay', 'none')
+  lr, warmup, decay = config.optim.lr, config.optim.warmup_steps, config.optim.lr_decay
   if decay == 'none':
     return optax.linear_schedule(0.0, lr, warmup) if warmup else optax.constant_schedule(lr)
   if decay == 'cosine':
@@ -66,7 +66,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 def ema_decay(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
   """`training.ema_decay`, or with `training.ema_warmup` min(ema_decay, (1 + n) / (10 + n)) at update n (TF's
   ExponentialMovingAverage with num_updates): the average forgets the random initialisation within a short run."""
-  if not config.training.get('ema_warmup', False):
+  if not config.training.ema_warmup:
     return jnp.asarray(config.training.ema_decay, jnp.float32)
   n = step.astype(jnp.float32)
   return jnp.minimum(config.training.ema_decay, (1.0 + n) / (10.0 + n))

@@ -22,10 +22,6 @@ from ddpm_jax import atomic_write
 PROGRESS_SAVE_SECONDS = 60.0
 
 
-def savez(path: str, arrays: Dict[str, Any]) -> None:
-  atomic_write.atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
-
-
 class Progress:
   """Partial results saved as `.npz` files tagged with a fingerprint; files with another fingerprint are ignored."""
 
@@ -53,7 +49,8 @@ class Progress:
       return
     self._last_save[name] = now
     if jax.process_index() == 0:
-      savez(self.path(name), {**arrays, 'fingerprint': np.asarray(self.fingerprint)})
+      tagged = {**arrays, 'fingerprint': np.asarray(self.fingerprint)}
+      atomic_write.atomic_write(self.path(name), lambda tmp: np.savez(tmp, **tagged))
 
   def clear(self) -> None:
     if jax.process_index() == 0 and os.path.isdir(self.directory):
