@@ -33,6 +33,9 @@ flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (mult
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a manual multi-process launch.')
 flags.DEFINE_integer('num_processes', None, 'Number of processes, for a manual multi-process launch.')
 flags.DEFINE_integer('process_id', None, 'This process index, for a manual multi-process launch.')
+flags.DEFINE_string('compilation_cache_dir', 'auto', 'Where compiled programs are kept between runs, so a resumed '
+                    'or sampling run does not compile them again: \'auto\' = $JAX_COMPILATION_CACHE_DIR if set, '
+                    'else $XDG_CACHE_HOME/ddpm_jax/jax_compilation (~/.cache/...); a folder; or empty to turn it off.')
 flags.mark_flags_as_required(['workdir'])
 
 PROGRAM = 'ddpm_jax'
@@ -53,7 +56,7 @@ def main(argv):
   from ddpm_jax import run  # pylint: disable=g-import-not-at-top
 
   try:
-    run.run(FLAGS.mode, config, FLAGS.workdir)
+    run.run(FLAGS.mode, config, FLAGS.workdir, compilation_cache_dir=FLAGS.compilation_cache_dir)
   except UserError as e:
     command_line.fail(PROGRAM, e)
   except errors.TrainingDivergedError as e:

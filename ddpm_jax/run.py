@@ -8,6 +8,7 @@ from typing import Optional
 
 import ml_collections
 
+from ddpm_jax import compilation_cache
 from ddpm_jax import config_validation
 from ddpm_jax import workdir_config
 from ddpm_jax.errors import ConfigError, WorkdirError
@@ -33,11 +34,13 @@ def check_workdir(workdir: str, mode: str) -> None:
                        ) from None
 
 
-def run(mode: str, config: Optional[ml_collections.ConfigDict], workdir: str) -> None:
+def run(mode: str, config: Optional[ml_collections.ConfigDict], workdir: str,
+        compilation_cache_dir: Optional[str] = None) -> None:
   """Validates `config`, the data and `workdir` (before anything compiles), then trains, samples or evaluates.
 
   `config=None` (no --config) samples or evaluates with the config the workdir records (`workdir_config`); a
-  config given for those modes is checked against it.
+  config given for those modes is checked against it. `compilation_cache_dir` as in `compilation_cache.enable`
+  (`main.py` passes its flag, default 'auto'; None leaves JAX's setting alone).
   """
   import jax  # pylint: disable=g-import-not-at-top
   if mode not in MODES:
@@ -52,6 +55,7 @@ def run(mode: str, config: Optional[ml_collections.ConfigDict], workdir: str) ->
   if mode in ('train', 'eval'):
     input_pipeline.check_data(config, _splits(config, mode))
   check_workdir(workdir, mode)  # after the data checks: a mistyped field leaves no new empty workdir behind
+  compilation_cache.enable(compilation_cache_dir)  # after every check, before the first compile
   if mode == 'train':
     from ddpm_jax import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, workdir)

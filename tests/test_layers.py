@@ -21,7 +21,7 @@ LAYERS = (
     ('config', ('config_validation', 'workdir_config')),
     ('steps', ('train_state', 'sample', 'bits_per_dim', 'figure_data', 'figure_plots')),
     ('modes', ('train', 'evaluate', 'figures', 'convert', 'export')),
-    ('dispatch', ('run',)),
+    ('dispatch', ('run', 'compilation_cache')),
 )
 LAYER_OF = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}
 PACKAGE_DIR = os.path.dirname(ddpm_jax.__file__)

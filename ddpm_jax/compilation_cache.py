@@ -1,0 +1,129 @@
+"""JAX's persistent compilation cache, on by default for `main.py`: a resumed, sampling or evaluating run reads back
+the programs an earlier one compiled (the quickstart's start-up 67 s -> 19 s on a 2-core CPU, BENCHMARKS.md).
+
+JAX keeps every program that took over `jax_persistent_cache_min_compile_time_secs` (1 s) to compile, keyed by the
+program, jax/jaxlib version, devices and compile options, so a hit gives the same executable and the same numbers.
+Two things are added here:
+
+* one folder per kind of CPU (`<dir>/<arch>-<hash of the CPU model and flags>`): XLA:CPU compiles for the host's
+  instruction set, and a cache on a network home serves machines that differ;
+* damaged entries set aside: JAX writes an entry in place, so a process killed during the write leaves a truncated
+  file that every later run fails to read (a warning) and recompiles, without replacing it. Entries written since
+  the last start-up are checked once (their compressed stream must be complete) and a damaged one is moved to
+  `<folder>/damaged/`, never deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import tempfile
+import zlib
+from typing import Optional
+
+from absl import logging
+
+from ddpm_jax.errors import UserError
+
+_CHECKED_STAMP = '.entries_checked'  # its mtime: entries modified before it passed the check
+_DAMAGED = 'damaged'
+_ZSTD_MAGIC = b'\x28\xb5\x2f\xfd'
+
+
+def machine_tag() -> str:
+  """`<arch>-<12 hex>`: the machine architecture and a hash of the CPU's model name and feature flags."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8', errors='replace') as f:
+      ident = ''.join(sorted({line for line in f if line.startswith(('model name', 'flags', 'Features', 'CPU part'))}))
+  except OSError:
+    ident = platform.processor()
+  return f'{platform.machine() or "cpu"}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}'
+
+
+def _zstd_decompressor():
+  try:
+    from compression import zstd  # pylint: disable=g-import-not-at-top  # Python >= 3.14
+    return zstd.ZstdDecompressor()
+  except ImportError:
+    pass
+  try:
+    import zstandard  # pylint: disable=g-import-not-at-top
+    return zstandard.ZstdDecompressor().decompressobj()
+  except ImportError:
+    return None
+
+
+def _is_complete(data: bytes) -> Optional[bool]:
+  """Whether `data` is one complete compressed stream (JAX writes zstd, or zlib without a zstd module); None when
+  the format or its decompressor is unknown here (the entry is left alone)."""
+  if data.startswith(_ZSTD_MAGIC):
+    stream = _zstd_decompressor()
+  elif data[:1] == b'\x78':
+    stream = zlib.decompressobj()
+  else:
+    return None
+  if stream is None:
+    return None
+  try:
+    stream.decompress(data)
+  except Exception:  # pylint: disable=broad-except  # zlib.error, zstd's ZstdError: a corrupt stream
+    return False
+  return bool(stream.eof)
+
+
+def set_aside_damaged_entries(path: str) -> list[str]:
+  """Moves the entries of `path` modified since the last check whose stream is incomplete to `path/damaged/`;
+  returns their names."""
+  stamp = os.path.join(path, _CHECKED_STAMP)
+  since = os.stat(stamp).st_mtime if os.path.exists(stamp) else 0.0
+  moved = []
+  for entry in os.scandir(path):
+    if not entry.is_file() or entry.name.startswith('.') or entry.stat().st_mtime < since:
+      continue
+    with open(entry.path, 'rb') as f:
+      complete = _is_complete(f.read())
+    if complete is False:
+      os.makedirs(os.path.join(path, _DAMAGED), exist_ok=True)
+      os.replace(entry.path, os.path.join(path, _DAMAGED, entry.name))
+      moved.append(entry.name)
+  with open(stamp, 'w', encoding='utf-8'):
+    pass  # touched before this run compiles: its own entries are checked at the next start-up
+  return moved
+
+
+def enable(directory: Optional[str]) -> Optional[str]:
+  """Points JAX's persistent compilation cache at a folder; returns the folder used, or None when it is off.
+
+  `directory`: None leaves JAX's own setting alone (`$JAX_COMPILATION_CACHE_DIR`, or off); '' turns the cache off;
+  'auto' is `$JAX_COMPILATION_CACHE_DIR` when set, else `<cache home>/jax_compilation/<machine>` (the cache home of
+  the FID statistics; skipped with a warning if it cannot be written); any other value is a folder whose
+  `<machine>` subfolder is used, and one that cannot be written is a `UserError`. Call it before anything compiles:
+  JAX decides whether to use the cache at the first compile of the process.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.evaluation import cache  # pylint: disable=g-import-not-at-top
+  if directory is None or (directory == 'auto' and jax.config.jax_compilation_cache_dir):
+    return jax.config.jax_compilation_cache_dir
+  if not directory:
+    jax.config.update('jax_compilation_cache_dir', None)
+    return None
+  base = os.path.join(cache.cache_home(), 'jax_compilation') if directory == 'auto' else os.path.expanduser(directory)
+  path = os.path.join(base, machine_tag())
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path, prefix='.write_check_'):
+      pass
+    moved = set_aside_damaged_entries(path)
+  except OSError as e:
+    problem = f'{path} is not writable ({e.strerror or e})'
+    if directory != 'auto':
+      raise UserError(f'--compilation_cache_dir={directory}: {problem}; choose a writable folder, or pass '
+                      '--compilation_cache_dir= to compile every time') from None
+    logging.warning('Compilation cache off: %s (--compilation_cache_dir= chooses another folder).', problem)
+    return None
+  if moved:
+    logging.warning('Compilation cache: %d damaged entr%s moved to %s (they are compiled again).', len(moved),
+                    'y' if len(moved) == 1 else 'ies', os.path.join(path, _DAMAGED))
+  jax.config.update('jax_compilation_cache_dir', path)
+  return path
