@@ -21,6 +21,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from ddpm_jax import command_line
+from ddpm_jax import compilation_cache
 from ddpm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -33,9 +34,7 @@ flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (mult
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a manual multi-process launch.')
 flags.DEFINE_integer('num_processes', None, 'Number of processes, for a manual multi-process launch.')
 flags.DEFINE_integer('process_id', None, 'This process index, for a manual multi-process launch.')
-flags.DEFINE_string('compilation_cache_dir', 'auto', 'Where compiled programs are kept between runs, so a resumed '
-                    'or sampling run does not compile them again: \'auto\' = $JAX_COMPILATION_CACHE_DIR if set, '
-                    'else $XDG_CACHE_HOME/ddpm_jax/jax_compilation (~/.cache/...); a folder; or empty to turn it off.')
+compilation_cache.define_flag()
 flags.mark_flags_as_required(['workdir'])
 
 PROGRAM = 'ddpm_jax'

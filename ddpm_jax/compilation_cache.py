@@ -1,5 +1,6 @@
-"""JAX's persistent compilation cache, on by default for `main.py`: a resumed, sampling or evaluating run reads back
-the programs an earlier one compiled (the quickstart's start-up 67 s -> 19 s on a 2-core CPU, BENCHMARKS.md).
+"""JAX's persistent compilation cache, on by default for `main.py` and `ddpm_jax.figures`: a resumed, sampling or
+evaluating run reads back the programs an earlier one compiled (a 2-step quickstart run 67 s -> 19 s on a 2-core
+CPU, BENCHMARKS.md).
 
 JAX keeps every program that took over `jax_persistent_cache_min_compile_time_secs` (1 s) to compile, keyed by the
 program, jax/jaxlib version, devices and compile options, so a hit gives the same executable and the same numbers.
@@ -22,9 +23,12 @@ import tempfile
 import zlib
 from typing import Optional
 
+from absl import flags
 from absl import logging
 
 from ddpm_jax.errors import UserError
+
+flags.disclaim_key_flags()  # `define_flag` defines the flag for the command that calls it: its --help lists it
 
 _CHECKED_STAMP = '.entries_checked'  # its mtime: entries modified before it passed the check
 _DAMAGED = 'damaged'
@@ -90,6 +94,14 @@ def set_aside_damaged_entries(path: str) -> list[str]:
   with open(stamp, 'w', encoding='utf-8'):
     pass  # touched before this run compiles: its own entries are checked at the next start-up
   return moved
+
+
+def define_flag() -> None:
+  """`--compilation_cache_dir` (default 'auto'), for the commands that compile: main.py and ddpm_jax.figures."""
+  flags.DEFINE_string('compilation_cache_dir', 'auto', 'Where compiled programs are kept between runs, so a resumed '
+                      'or sampling run does not compile them again: \'auto\' = $JAX_COMPILATION_CACHE_DIR if set, '
+                      'else $XDG_CACHE_HOME/ddpm_jax/jax_compilation (~/.cache/...); a folder; or empty to turn it '
+                      'off.')
 
 
 def enable(directory: Optional[str]) -> Optional[str]:

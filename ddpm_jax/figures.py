@@ -47,6 +47,7 @@ import numpy as np
 
 from ddpm_jax import checkpointing
 from ddpm_jax import command_line
+from ddpm_jax import compilation_cache
 from ddpm_jax import console
 from ddpm_jax import default_config
 from ddpm_jax import diffusion as diffusion_lib
@@ -410,6 +411,7 @@ def define_flags() -> None:
   flags.DEFINE_integer('interpolation_t', 500, 'Paper time (for T = 1000) the interpolation encodes to.')
   flags.DEFINE_integer('num_pairs', 4, 'Image pairs (rows) of the interpolation.')
   flags.DEFINE_float('lambda_step', 0.1, 'Spacing of the interpolation weights lambda in [0, 1].')
+  compilation_cache.define_flag()
   flags.mark_flags_as_required(['workdir', 'figure'])
 
 
@@ -438,7 +440,9 @@ def main(argv: Sequence[str]) -> None:
   try:
     names = parse_figure_names(f.figure)
     config = load_config(f.config, f.workdir, names)
-    draw(names, config, f.workdir, f.out, _options(f))
+    options = _options(f)
+    compilation_cache.enable(f.compilation_cache_dir)  # after every check, before the first compile
+    draw(names, config, f.workdir, f.out, options)
   except UserError as e:
     command_line.fail(_PROGRAM, e)
   logging.flush()

@@ -17,11 +17,11 @@ LAYERS = (
                      'torch_checkpoint', 'tensorboard_writer', 'workdir_lock', 'default_config',
                      'command_line')),
     ('math', ('diffusion', 'likelihood', 'losses', 'samplers')),
-    ('components', ('models', 'data', 'input_pipeline', 'evaluation', 'checkpointing')),
+    ('components', ('models', 'data', 'input_pipeline', 'evaluation', 'checkpointing', 'compilation_cache')),
     ('config', ('config_validation', 'workdir_config')),
     ('steps', ('train_state', 'sample', 'bits_per_dim', 'figure_data', 'figure_plots')),
     ('modes', ('train', 'evaluate', 'figures', 'convert', 'export')),
-    ('dispatch', ('run', 'compilation_cache')),
+    ('dispatch', ('run',)),
 )
 LAYER_OF = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}
 PACKAGE_DIR = os.path.dirname(ddpm_jax.__file__)
