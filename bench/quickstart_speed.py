@@ -6,7 +6,8 @@
 Each round runs, one after another on the same machine:
   * loop:  `python main.py --config=<config> --workdir=<tmp>` for `--steps` steps (no grid, one checkpoint at the
     end), as a user runs it. Reported: the steady img/s of the console's log windows after the first (compilation
-    and the first window excluded), and the process's wall time from start to exit (start-up, compile, shutdown).
+    and the first window excluded), and the process's wall time from start to exit (start-up, compile, shutdown;
+    the compilation cache off, so every round compiles as a first run does).
   * step:  `bench/throughput.py`: the same compiled step called back to back on one synthetic batch.
   * peer:  the same training written in PyTorch (bench/peer_torch.py's step: diffusers `UNet2DModel` of the same
     architecture and parameter count, q_sample, MSE, clipping, Adam, EMA lerp; eager, one thread per core) in its
@@ -50,7 +51,8 @@ def our_loop(config_path: str, overrides: list[str], steps: int, log_every: int)
   workdir = tempfile.mkdtemp(prefix='ddpm_qs_speed_')
   cmd = [sys.executable, os.path.join(REPO, 'main.py'), f'--config={config_path}', f'--workdir={workdir}',
          f'--config.training.num_steps={steps}', f'--config.training.log_every={log_every}',
-         '--config.training.sample_every=0', f'--config.training.checkpoint_every={steps}'] + overrides
+         '--config.training.sample_every=0', f'--config.training.checkpoint_every={steps}',
+         '--compilation_cache_dir='] + overrides
   start = time.perf_counter()
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
   wall = time.perf_counter() - start
