@@ -10,8 +10,8 @@ Two things are added here:
   instruction set, and a cache on a network home serves machines that differ;
 * damaged entries set aside: JAX writes an entry in place, so a process killed during the write leaves a truncated
   file that every later run fails to read (a warning) and recompiles, without replacing it. Entries written since
-  the last start-up are checked once (their compressed stream must be complete) and a damaged one is moved to
-  `<folder>/damaged/`, never deleted.
+  the last start-up (but in the last minute, which may still be being written) are checked once (their compressed
+  stream must be complete) and a damaged one is moved to `<folder>/damaged/`, never deleted.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import hashlib
 import os
 import platform
 import tempfile
+import time
 import zlib
 from typing import Optional
 
@@ -32,6 +33,7 @@ flags.disclaim_key_flags()  # `define_flag` defines the flag for the command tha
 
 _CHECKED_STAMP = '.entries_checked'  # its mtime: entries modified before it passed the check
 _DAMAGED = 'damaged'
+_WRITE_GRACE_S = 60.0  # an entry this recent may still be being written
 _ZSTD_MAGIC = b'\x28\xb5\x2f\xfd'
 
 
@@ -76,23 +78,29 @@ def _is_complete(data: bytes) -> Optional[bool]:
   return bool(stream.eof)
 
 
-def set_aside_damaged_entries(path: str) -> list[str]:
-  """Moves the entries of `path` modified since the last check whose stream is incomplete to `path/damaged/`;
-  returns their names."""
+def set_aside_damaged_entries(path: str, now: Optional[float] = None) -> list[str]:
+  """Moves the entries of `path` written since the last check whose stream is incomplete to `path/damaged/`;
+  returns their names. Entries of the last minute are left for the next check: another process may be writing
+  them (several runs can share the folder)."""
   stamp = os.path.join(path, _CHECKED_STAMP)
   since = os.stat(stamp).st_mtime if os.path.exists(stamp) else 0.0
+  until = (time.time() if now is None else now) - _WRITE_GRACE_S
   moved = []
   for entry in os.scandir(path):
-    if not entry.is_file() or entry.name.startswith('.') or entry.stat().st_mtime < since:
-      continue
-    with open(entry.path, 'rb') as f:
-      complete = _is_complete(f.read())
-    if complete is False:
-      os.makedirs(os.path.join(path, _DAMAGED), exist_ok=True)
-      os.replace(entry.path, os.path.join(path, _DAMAGED, entry.name))
-      moved.append(entry.name)
+    try:
+      if not entry.is_file() or entry.name.startswith('.') or not since <= entry.stat().st_mtime < until:
+        continue
+      with open(entry.path, 'rb') as f:
+        complete = _is_complete(f.read())
+      if complete is False:
+        os.makedirs(os.path.join(path, _DAMAGED), exist_ok=True)
+        os.replace(entry.path, os.path.join(path, _DAMAGED, entry.name))
+        moved.append(entry.name)
+    except FileNotFoundError:
+      continue  # moved or evicted by another process meanwhile
   with open(stamp, 'w', encoding='utf-8'):
-    pass  # touched before this run compiles: its own entries are checked at the next start-up
+    pass
+  os.utime(stamp, (until, until))  # what is newer than this is checked at the next start-up
   return moved
 
 

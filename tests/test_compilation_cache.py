@@ -63,7 +63,9 @@ def test_a_truncated_entry_is_moved_aside_and_compiled_again(first_run, tmp_path
   with open(path, 'rb') as f:
     whole = f.read()
   with open(path, 'wb') as f:
-    f.write(whole[:len(whole) // 3])  # what a process killed during JAX's write leaves
+    f.write(whole[:len(whole) // 3])  # what a process killed during JAX's write leaves ...
+  checked = os.stat(os.path.join(folder, '.entries_checked')).st_mtime
+  os.utime(path, (checked, checked))  # ... in an earlier run, over a minute ago
   proc = _train(str(tmp_path / 'c'), home)
   assert READ_ERROR not in proc.stderr
   assert 'damaged entry moved to' in proc.stderr
@@ -93,16 +95,18 @@ def test_an_unwritable_folder_is_one_line_before_anything_compiles(tmp_path):
   assert 'not writable' in errors[0] and 'Traceback' not in proc.stderr and 'Compiling' not in proc.stderr
 
 
-def test_only_entries_written_since_the_last_check_are_read_and_only_damaged_ones_move(tmp_path):
+def test_each_entry_is_checked_once_a_minute_after_its_write_and_only_damaged_ones_move(tmp_path):
   good = zlib.compress(b'x' * 10000)
-  for name, data in [('old-cache', good[:20]), ('whole-cache', good), ('cut-cache', good[:20]),
-                     ('unknown-cache', b'not a compressed stream')]:
+  for name, data, mtime in [('checked-cache', good[:20], 100), ('whole-cache', good, 300),
+                            ('cut-cache', good[:20], 300), ('unknown-cache', b'not a compressed stream', 300),
+                            ('recent-cache', good[:20], 990)]:
     (tmp_path / name).write_bytes(data)
-  os.utime(tmp_path / 'old-cache', (1, 1))  # before any check: ...
+    os.utime(tmp_path / name, (mtime, mtime))
   (tmp_path / '.entries_checked').write_text('')
-  os.utime(tmp_path / '.entries_checked', (2, 2))  # ... so it passed one already and is not read again
-  assert compilation_cache.set_aside_damaged_entries(str(tmp_path)) == ['cut-cache']
+  os.utime(tmp_path / '.entries_checked', (200, 200))  # 'checked-cache' passed a check before: not read again
+  # At t=1000 'recent-cache' (t=990) may still be being written by another process: left for the next check.
+  assert compilation_cache.set_aside_damaged_entries(str(tmp_path), now=1000) == ['cut-cache']
   assert sorted(os.listdir(tmp_path / 'damaged')) == ['cut-cache']
-  assert {'old-cache', 'whole-cache', 'unknown-cache'} <= set(os.listdir(tmp_path))
-  assert compilation_cache.set_aside_damaged_entries(str(tmp_path)) == []  # checked once
-
+  assert {'checked-cache', 'whole-cache', 'unknown-cache', 'recent-cache'} <= set(os.listdir(tmp_path))
+  assert compilation_cache.set_aside_damaged_entries(str(tmp_path), now=1100) == ['recent-cache']
+  assert compilation_cache.set_aside_damaged_entries(str(tmp_path), now=1200) == []
