@@ -219,15 +219,21 @@ def available_steps(workdir: str) -> Sequence[int]:
   return steps
 
 
+def require_checkpoint(workdir: str) -> Sequence[int]:
+  """`available_steps(workdir)`, raising `CheckpointNotFoundError` when there are none (sample / eval need one)."""
+  steps = available_steps(workdir)
+  if not steps:
+    raise CheckpointNotFoundError(f'no checkpoint in {checkpoint_dir(workdir)}: train first, or convert released '
+                                  'weights with `python -m ddpm_jax.convert`')
+  return steps
+
+
 def restore_inference_params(workdir: str, step: Optional[int] = None) -> tuple[int, Any, Any]:
   """Loads (step, params, ema_params) as NumPy pytrees from a training or inference checkpoint.
 
   `step=None` picks the newest readable checkpoint (falling back past unreadable ones, as training does).
   """
-  steps = available_steps(workdir)
-  if not steps:
-    raise CheckpointNotFoundError(f'no checkpoint in {checkpoint_dir(workdir)}: train first, or convert released '
-                                  'weights with `python -m ddpm_jax.convert`')
+  steps = require_checkpoint(workdir)
   if step is not None and step not in steps:
     raise CheckpointNotFoundError(f'no checkpoint for step {step} in {checkpoint_dir(workdir)}; available: {steps}')
   manager = create_manager(workdir, read_only=True)

@@ -55,6 +55,9 @@ def run(mode: str, config: Optional[ml_collections.ConfigDict], workdir: str,
   if mode in ('train', 'eval'):
     input_pipeline.check_data(config, _splits(config, mode))
   check_workdir(workdir, mode)  # after the data checks: a mistyped field leaves no new empty workdir behind
+  if mode != 'train':
+    from ddpm_jax import checkpointing  # pylint: disable=g-import-not-at-top
+    checkpointing.require_checkpoint(workdir)  # before the Inception weights or anything else is loaded
   compilation_cache.enable(compilation_cache_dir)  # after every check, before the first compile
   if mode == 'train':
     from ddpm_jax import train  # pylint: disable=g-import-not-at-top

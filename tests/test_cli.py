@@ -122,3 +122,12 @@ def test_divergence_stops_with_one_line_and_no_checkpoint_of_the_blown_up_weight
   _assert_one_line_error(proc, 'training diverged', 'consecutive non-finite updates', code=1)
   assert 'not saving a checkpoint' in proc.stderr
   assert not os.listdir(os.path.join(workdir, 'checkpoints'))
+
+@pytest.mark.parametrize('mode', ['sample', 'eval'])
+def test_sampling_or_evaluating_a_workdir_without_checkpoints_stops_before_loading_anything(tmp_path, mode):
+  workdir = str(tmp_path / 'run')
+  os.makedirs(workdir)
+  proc, _ = _main('--config=configs/test.py', f'--workdir={workdir}', f'--mode={mode}', '--config.eval.fid=True',
+                  runner=True)
+  _assert_one_line_error(proc, f'no checkpoint in {workdir}', 'train first')
+  assert 'Inception' not in proc.stderr and 'Compiling' not in proc.stderr, proc.stderr[-3000:]
