@@ -219,12 +219,14 @@ def available_steps(workdir: str) -> Sequence[int]:
   return steps
 
 
-def require_checkpoint(workdir: str) -> Sequence[int]:
-  """`available_steps(workdir)`, raising `CheckpointNotFoundError` when there are none (sample / eval need one)."""
+def require_checkpoint(workdir: str, step: Optional[int] = None) -> Sequence[int]:
+  """`available_steps(workdir)`, raising `CheckpointNotFoundError` when there are none or `step` is not one of them."""
   steps = available_steps(workdir)
   if not steps:
     raise CheckpointNotFoundError(f'no checkpoint in {checkpoint_dir(workdir)}: train first, or convert released '
                                   'weights with `python -m ddpm_jax.convert`')
+  if step is not None and step not in steps:
+    raise CheckpointNotFoundError(f'no checkpoint for step {step} in {checkpoint_dir(workdir)}; available: {steps}')
   return steps
 
 
@@ -233,9 +235,7 @@ def restore_inference_params(workdir: str, step: Optional[int] = None) -> tuple[
 
   `step=None` picks the newest readable checkpoint (falling back past unreadable ones, as training does).
   """
-  steps = require_checkpoint(workdir)
-  if step is not None and step not in steps:
-    raise CheckpointNotFoundError(f'no checkpoint for step {step} in {checkpoint_dir(workdir)}; available: {steps}')
+  steps = require_checkpoint(workdir, step)
   manager = create_manager(workdir, read_only=True)
   try:
     for candidate in ([step] if step is not None else sorted(steps, reverse=True)):

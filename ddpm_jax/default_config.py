@@ -198,7 +198,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Where FID reference statistics are cached, once per dataset, split, example count and Inception protocol, for
   # every run on the machine (None = $XDG_CACHE_HOME/ddpm_jax, else ~/.cache/ddpm_jax; files in <dir>/fid_stats/).
   evaluation.cache_dir = config_dict.placeholder(str)
-  # Checkpoint step(s) to evaluate (None = latest).
+  # Checkpoint step to evaluate (None = latest).
   evaluation.step = config_dict.placeholder(int)
 
   return config

@@ -57,7 +57,8 @@ def run(mode: str, config: Optional[ml_collections.ConfigDict], workdir: str,
   check_workdir(workdir, mode)  # after the data checks: a mistyped field leaves no new empty workdir behind
   if mode != 'train':
     from ddpm_jax import checkpointing  # pylint: disable=g-import-not-at-top
-    checkpointing.require_checkpoint(workdir)  # before the Inception weights or anything else is loaded
+    step = config.sample.step if mode == 'sample' else config.eval.step
+    checkpointing.require_checkpoint(workdir, step)  # before the Inception weights or anything else is loaded
   compilation_cache.enable(compilation_cache_dir)  # after every check, before the first compile
   if mode == 'train':
     from ddpm_jax import train  # pylint: disable=g-import-not-at-top

@@ -8,8 +8,10 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import pytest
 
+from ddpm_jax import checkpointing
 from ddpm_jax import errors
 from ddpm_jax import run
 from ddpm_jax import workdir_lock
@@ -123,11 +125,18 @@ def test_divergence_stops_with_one_line_and_no_checkpoint_of_the_blown_up_weight
   assert 'not saving a checkpoint' in proc.stderr
   assert not os.listdir(os.path.join(workdir, 'checkpoints'))
 
+
 @pytest.mark.parametrize('mode', ['sample', 'eval'])
-def test_sampling_or_evaluating_a_workdir_without_checkpoints_stops_before_loading_anything(tmp_path, mode):
+def test_sampling_or_evaluating_a_missing_checkpoint_stops_before_loading_anything(tmp_path, mode):
   workdir = str(tmp_path / 'run')
   os.makedirs(workdir)
   proc, _ = _main('--config=configs/test.py', f'--workdir={workdir}', f'--mode={mode}', '--config.eval.fid=True',
                   runner=True)
   _assert_one_line_error(proc, f'no checkpoint in {workdir}', 'train first')
+  assert 'Inception' not in proc.stderr and 'Compiling' not in proc.stderr, proc.stderr[-3000:]
+
+  checkpointing.save_inference_checkpoint(workdir, 3, {'w': np.zeros(2)}, {'w': np.zeros(2)})
+  proc, _ = _main('--config=configs/test.py', f'--workdir={workdir}', f'--mode={mode}', '--config.eval.fid=True',
+                  f'--config.{mode}.step=7', runner=True)
+  _assert_one_line_error(proc, 'no checkpoint for step 7', 'available: [3]')
   assert 'Inception' not in proc.stderr and 'Compiling' not in proc.stderr, proc.stderr[-3000:]
