@@ -57,7 +57,7 @@ def parse_error_message(e: BaseException, argv: Sequence[str]) -> str:
     if "Unknown command line flag 'config." in first and config == '?':
       override = first.split("'")[1]
       return (f'--{override}: overrides apply to a config file, and no --config is given; pass one before them '
-              '(for --mode=sample/eval the run\'s own, e.g. --config=configs/quickstart.py)')
+              '(for --mode=sample/eval the run\'s recorded config: --config=configs/workdir.py:WORKDIR)')
     if 'Error whilst parsing config file' not in first:  # else the file raised: ml_collections quotes a traceback
       return f'{first} (see --help)'
   elif isinstance(e, (KeyError, AttributeError)):  # an override of a field the config does not have

@@ -68,7 +68,11 @@ def read(workdir: str) -> ml_collections.ConfigDict:
     raise UserError(f'{p} is not a readable config ({type(e).__name__}: {e}); pass the run\'s config with '
                     '--config') from None
   # Fields added to the package since the run was recorded take their defaults (which keep the old behaviour).
-  return ml_collections.ConfigDict(_merged(default_config.get_config().to_dict(), recorded))
+  # Updating the default config, not building one from the dict, keeps each field's type (a placeholder(int) that
+  # is None stays an int field), so `--config.sample.step=N` can override a recording (configs/workdir.py).
+  config = default_config.get_config()
+  config.update(_merged(config.to_dict(), recorded))
+  return config
 
 
 def _merged(defaults: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:

@@ -11,9 +11,11 @@ import time
 import numpy as np
 import pytest
 
+from configs import test as test_config
 from ddpm_jax import checkpointing
 from ddpm_jax import errors
 from ddpm_jax import run
+from ddpm_jax import workdir_config
 from ddpm_jax import workdir_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,3 +142,21 @@ def test_sampling_or_evaluating_a_missing_checkpoint_stops_before_loading_anythi
                   f'--config.{mode}.step=7', runner=True)
   _assert_one_line_error(proc, 'no checkpoint for step 7', 'available: [3]')
   assert 'Inception' not in proc.stderr and 'Compiling' not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_overrides_apply_to_the_config_a_workdir_recorded(tmp_path):
+  workdir = str(tmp_path / 'run')
+  os.makedirs(workdir)
+  workdir_config.write(test_config.get_config(), workdir)
+  checkpointing.save_inference_checkpoint(workdir, 3, {'w': np.zeros(2)}, {'w': np.zeros(2)})
+  recorded = f'--config=configs/workdir.py:{workdir}'
+  # The override reaches the run: the step asked for is looked up (and is absent) before anything compiles.
+  proc, _ = _main(recorded, f'--workdir={workdir}', '--mode=sample', '--config.sample.step=7',
+                  '--config.sample.num_samples=8', runner=True)
+  _assert_one_line_error(proc, 'no checkpoint for step 7', 'available: [3]')
+  # Fields the run fixed stay the run's.
+  proc, _ = _main(recorded, f'--workdir={workdir}', '--mode=sample', '--config.model.ch=8', runner=True)
+  _assert_one_line_error(proc, 'config.model.ch=8 differs from', 'config.json')
+  proc, _ = _main(f'--config=configs/workdir.py:{tmp_path / "none"}', f'--workdir={workdir}', '--mode=sample',
+                  runner=True)
+  _assert_one_line_error(proc, 'configs/workdir.py', 'does not exist')
