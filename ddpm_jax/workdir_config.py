@@ -71,16 +71,8 @@ def read(workdir: str) -> ml_collections.ConfigDict:
   # Updating the default config, not building one from the dict, keeps each field's type (a placeholder(int) that
   # is None stays an int field), so `--config.sample.step=N` can override a recording (configs/workdir.py).
   config = default_config.get_config()
-  config.update(_merged(config.to_dict(), recorded))
+  config.update(recorded)  # recurses into sections: a section keeps the fields the recording does not name
   return config
-
-
-def _merged(defaults: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
-  out = dict(defaults)
-  for key, value in recorded.items():
-    both_sections = isinstance(value, dict) and isinstance(defaults.get(key), dict)
-    out[key] = _merged(defaults[key], value) if both_sections else value
-  return out
 
 
 def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
