@@ -71,7 +71,11 @@ def read(workdir: str) -> ml_collections.ConfigDict:
   # Updating the default config, not building one from the dict, keeps each field's type (a placeholder(int) that
   # is None stays an int field), so `--config.sample.step=N` can override a recording (configs/workdir.py).
   config = default_config.get_config()
-  config.update(recorded)  # recurses into sections: a section keeps the fields the recording does not name
+  try:
+    config.update(recorded)  # recurses into sections: a section keeps the fields the recording does not name
+  except (TypeError, ValueError) as e:  # e.g. a hand-edited value of another type than the field's
+    raise UserError(f'{p} is not a readable config ({type(e).__name__}: {e}); pass the run\'s config with '
+                    '--config') from None
   return config
 
 

@@ -2,6 +2,7 @@
 traceback, before anything compiles; a diverged run is one line and exit code 1."""
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -160,3 +161,12 @@ def test_overrides_apply_to_the_config_a_workdir_recorded(tmp_path):
   proc, _ = _main(f'--config=configs/workdir.py:{tmp_path / "none"}', f'--workdir={workdir}', '--mode=sample',
                   runner=True)
   _assert_one_line_error(proc, 'configs/workdir.py', 'does not exist')
+  # A recording edited by hand into a value of another type is named, not a traceback.
+  path = workdir_config.path(workdir)
+  with open(path) as f:
+    edited = json.load(f)
+  edited['model']['ch'] = 1.5
+  with open(path, 'w') as f:
+    json.dump(edited, f)
+  proc, _ = _main(f'--workdir={workdir}', '--mode=sample', runner=True)
+  _assert_one_line_error(proc, f'{path} is not a readable config', "'ch'")
