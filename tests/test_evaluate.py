@@ -392,9 +392,10 @@ def test_missing_inception_weights_fail_fast(tmp_path, monkeypatch):
   assert isinstance(info.value, errors.UserError)
   assert '\n' not in str(info.value) and 'missing.pt' in str(info.value)
 
-  # main.py prints it as one line and exits 2, before touching the (absent) checkpoint. The workdir exists and the
-  # data are mocked: main.py checks both before evaluating.
+  # main.py prints it as one line and exits 2, before reading the checkpoint. The workdir exists with a checkpoint
+  # and the data are mocked: main.py checks all three before evaluating.
   os.makedirs(tmp_path / 'run')
+  checkpointing.save_inference_checkpoint(str(tmp_path / 'run'), 3, {'w': np.zeros(2)}, {'w': np.zeros(2)})
   proc = subprocess.run(
       [sys.executable, 'tests/run_main_under_mock_data.py', '--mode=eval', '--config=configs/test.py',
        f'--workdir={tmp_path / "run"}', f'--config.eval.inception_weights={tmp_path / "missing.pt"}'],
