@@ -61,19 +61,15 @@ def read(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.isfile(p):
     raise UserError(f'{p} does not exist: this workdir records no config (trained before configs were recorded?); '
                     'pass the run\'s config with --config')
-  try:
-    with open(p) as f:
-      recorded = _tuples(json.load(f))
-  except (OSError, ValueError) as e:
-    raise UserError(f'{p} is not a readable config ({type(e).__name__}: {e}); pass the run\'s config with '
-                    '--config') from None
   # Fields added to the package since the run was recorded take their defaults (which keep the old behaviour).
   # Updating the default config, not building one from the dict, keeps each field's type (a placeholder(int) that
   # is None stays an int field), so `--config.sample.step=N` can override a recording (configs/workdir.py).
   config = default_config.get_config()
   try:
+    with open(p) as f:
+      recorded = _tuples(json.load(f))
     config.update(recorded)  # recurses into sections: a section keeps the fields the recording does not name
-  except (TypeError, ValueError) as e:  # e.g. a hand-edited value of another type than the field's
+  except (OSError, ValueError, TypeError) as e:  # TypeError: a (hand-edited) value of another type than its field
     raise UserError(f'{p} is not a readable config ({type(e).__name__}: {e}); pass the run\'s config with '
                     '--config') from None
   return config
