@@ -24,6 +24,12 @@ class WorkdirError(UserError, OSError):
   """The workdir cannot be used (not writable, not a directory)."""
 
 
+def workdir_missing(workdir: str) -> WorkdirError:
+  """The error for sampling, evaluating or exporting a `workdir` that does not exist."""
+  return WorkdirError(f'--workdir={workdir} does not exist: train first (--mode=train), or convert released '
+                      'weights with `python -m ddpm_jax.convert`')
+
+
 class TrainingDivergedError(RuntimeError):
   """Training diverged (a streak of non-finite updates): the run stops, keeping its last good checkpoint.
 

@@ -10,6 +10,7 @@ import ml_collections
 
 from ddpm_jax import compilation_cache
 from ddpm_jax import config_validation
+from ddpm_jax import errors
 from ddpm_jax import workdir_config
 from ddpm_jax.errors import ConfigError, WorkdirError
 
@@ -23,8 +24,7 @@ def check_workdir(workdir: str, mode: str) -> None:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise WorkdirError(f'--workdir={workdir} is a file, not a directory')
   if mode != 'train' and not os.path.isdir(workdir):
-    raise WorkdirError(f'--workdir={workdir} does not exist: train first (--mode=train), or convert released '
-                       'weights with `python -m ddpm_jax.convert`')
+    raise errors.workdir_missing(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_check_'):

@@ -23,6 +23,7 @@ import ml_collections
 from ddpm_jax import atomic_write
 from ddpm_jax import default_config
 from ddpm_jax import diffusion
+from ddpm_jax import errors
 from ddpm_jax.errors import ConfigError, UserError
 
 FILENAME = 'config.json'
@@ -56,8 +57,7 @@ def read(workdir: str) -> ml_collections.ConfigDict:
   """The config recorded in `workdir`; `UserError` (one line) when it is missing or unreadable."""
   p = path(workdir)
   if not os.path.isdir(workdir):
-    raise UserError(f'--workdir={workdir} does not exist: train first (--mode=train), or convert released weights '
-                    'with `python -m ddpm_jax.convert`')
+    raise errors.workdir_missing(workdir)
   if not os.path.isfile(p):
     raise UserError(f'{p} does not exist: this workdir records no config (trained before configs were recorded?); '
                     'pass the run\'s config with --config')
