@@ -30,6 +30,7 @@ _CHATTER = (
     'Event loop is closed',                   # orbax/tensorstore shutdown after a failed restore
     'Closing _NonBlockingMetadataStore',
     'Waiting for previous save to complete',  # orbax: a save while the previous one is still being written
+    'Variant folder',                         # tfds probing a data dir for an unprepared dataset (we name it)
 )
 # Packages whose warnings are about their own mechanics (orbax: "Given directory is read only", "Item 'data' was
 # found in the checkpoint, but could not be restored" when only the parameters are read), not about the run; their

@@ -65,6 +65,15 @@ def test_flag_and_config_file_errors_are_one_line(tmp_path, broken_config_file, 
   assert not (tmp_path / 'run').exists()
 
 
+def test_an_unprepared_dataset_is_the_only_line_printed(tmp_path):
+  # TFDS warns about the empty version folder it probes (twice); our error already says the dataset is not there.
+  proc, _ = _main('--config=configs/test.py', f'--workdir={tmp_path / "w"}',
+                  f'--config.data.data_dir={tmp_path / "tfds"}')
+  _assert_one_line_error(proc, "config.data.dataset='cifar10'", 'not prepared')
+  assert proc.stderr.strip().count('\n') == 0, proc.stderr
+  assert not (tmp_path / 'w').exists()
+
+
 def test_missing_workdir_flag_is_one_line():
   proc, _ = _main('--config=configs/test.py')
   _assert_one_line_error(proc, '--workdir')
