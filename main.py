@@ -6,6 +6,8 @@
 
 Anything the user can fix (a flag, a config field or file, the workdir, the data, a checkpoint) is one line
 `ddpm_jax: error: ...` on stderr and exit code 2, before anything compiles; a diverged run is one line and exit 1.
+A first Ctrl-C while training saves a checkpoint and exits as SIGTERM does (exit 0); at any other moment, or a second
+Ctrl-C, it stops with one line and exit code 130.
 """
 
 import os
@@ -38,6 +40,7 @@ compilation_cache.define_flag()
 flags.mark_flags_as_required(['workdir'])
 
 PROGRAM = 'ddpm_jax'
+INTERRUPTED_EXIT = 128 + 2  # the shell's code for a program stopped by SIGINT
 
 
 def main(argv):
@@ -64,8 +67,12 @@ def main(argv):
 
 
 def entry() -> None:
-  """`python main.py ...`: absl's app.run with one-line flag errors."""
-  app.run(main, flags_parser=command_line.flags_parser(PROGRAM))
+  """`python main.py ...`: absl's app.run with one-line flag errors and a one-line Ctrl-C."""
+  try:
+    app.run(main, flags_parser=command_line.flags_parser(PROGRAM))
+  except KeyboardInterrupt:  # training saves on a first Ctrl-C (train.py); this is any other moment, or a second
+    command_line.fail(PROGRAM, 'interrupted (Ctrl-C): stopped without saving; the checkpoints and files written '
+                      'before it are kept (training resumes from its last checkpoint)', code=INTERRUPTED_EXIT)
 
 
 if __name__ == '__main__':

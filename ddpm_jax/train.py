@@ -1,7 +1,7 @@
 """Training: `train_and_evaluate(config, workdir)` runs (or resumes) a DDPM training run.
 
-Resumes automatically from `<workdir>/checkpoints`, saves on SIGTERM (preemption) and exits cleanly, logs with clu
-metric writers (TensorBoard + stdout, process 0 only) and draws EMA sample grids as it goes.
+Resumes automatically from `<workdir>/checkpoints`, saves on SIGTERM (preemption) or a first Ctrl-C and exits
+cleanly, logs with clu metric writers (TensorBoard + stdout, process 0 only) and draws EMA sample grids as it goes.
 """
 
 from __future__ import annotations
@@ -42,25 +42,34 @@ from ddpm_jax.errors import TrainingDivergedError
 PMAP_AXIS = 'batch'
 
 
-class _PreemptionFlag:
-  """Set by SIGTERM; the loop checks it between steps, saves and returns (exit code 0)."""
+class _StopRequest:
+  """Set by SIGTERM (preemption) or a first Ctrl-C (SIGINT); the loop checks it between steps, saves and returns
+  (exit code 0). After the first Ctrl-C a second one interrupts at once (KeyboardInterrupt), without saving."""
+
+  _SIGNALS = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'Ctrl-C'}
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested_by: Optional[str] = None  # 'SIGTERM' or 'Ctrl-C' once requested
+    self._previous = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum in self._SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning('SIGTERM received: saving a checkpoint and exiting after this step.')
-    self.requested = True
+    name = self._SIGNALS[signum]
+    if self.requested_by is None:
+      again = ' (Ctrl-C again stops at once, without saving)' if signum == signal.SIGINT else ''
+      logging.warning('%s received: saving a checkpoint and exiting after this step%s.', name, again)
+      self.requested_by = name
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, self._previous[signal.SIGINT])  # the next Ctrl-C interrupts as usual
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 class Trainer:
@@ -280,10 +289,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> train_state_lib.T
   compiled = False
   logging.info('Compiling the train step (%d step%s per call)...', k, 's' if k > 1 else '')
   try:
-    with _PreemptionFlag() as preemption, contextlib.closing(writer):
+    with _StopRequest() as stop, contextlib.closing(writer):
       while step < tc.num_steps:
-        if preemption.requested:
-          logging.warning('SIGTERM: stopping at step %d.', step)
+        if stop.requested_by:
+          logging.warning('%s: stopping at step %d.', stop.requested_by, step)
           break
         local = [next(train_iter) for _ in range(k)]
         batches = jax.tree.map(lambda *xs: np.stack(xs), *local)
@@ -314,8 +323,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> train_state_lib.T
           _write_sample_grid(config, trainer, sample_fn, writer, workdir, step)
         if step % tc.checkpoint_every == 0 or step >= tc.num_steps:
           save()
-      if preemption.requested and step != last_saved:
-        save()  # preempted between checkpoints (every other last step was saved, or refused, in the loop)
+      if stop.requested_by and step != last_saved:
+        save()  # stopped between checkpoints (every other last step was saved, or refused, in the loop)
   finally:
     manager.wait_until_finished()
     manager.close()

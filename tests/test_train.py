@@ -27,6 +27,7 @@ from ddpm_jax import random_streams
 from ddpm_jax import sample
 from ddpm_jax import sharding
 from ddpm_jax import train
+from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(REPO, 'tests', 'run_main_under_mock_data.py')
@@ -132,19 +133,44 @@ def test_ten_sigkills_at_random_moments_then_the_model_equals_an_uninterrupted_r
   assert_trees_equal(ema, uninterrupted.ema_params)
 
 
-def test_sigterm_saves_and_exits_zero(tmp_path):
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'Ctrl-C'])
+def test_sigterm_or_a_first_ctrl_c_saves_and_exits_zero(tmp_path, signum):
   workdir = str(tmp_path)
   log = tmp_path / 'stderr.txt'
   with open(log, 'w') as err:
     proc = _run_main(workdir, '--config.training.num_steps=100000', '--config.training.log_every=1',
                      '--config.training.checkpoint_every=50000', stdout=subprocess.DEVNULL, stderr=err)
     training = _wait_for(lambda: re.search(r'Step \d+/100000 .*loss', log.read_text()) is not None, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     proc.wait(timeout=300)
-  assert training, log.read_text()[-3000:]
-  assert proc.returncode == 0, log.read_text()[-3000:]
+  text = log.read_text()
+  assert training, text[-3000:]
+  assert proc.returncode == 0, text[-3000:]
+  assert 'Traceback' not in text, text[-3000:]
   steps = checkpointing.available_steps(workdir)
   assert len(steps) == 1 and 0 < steps[0] < 50000
+  assert f'Step {steps[0]}: checkpoint saved' in text
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(tmp_path):
+  # While sampling (any moment but the training loop, where a first Ctrl-C saves): stop at once, no traceback.
+  workdir = helpers.save_random_checkpoint(tmp_path, make_config(), step=3)
+  log = tmp_path / 'stderr.txt'
+  with open(log, 'w') as err:
+    proc = subprocess.Popen([sys.executable, RUNNER, '--mode=sample', '--config=configs/test.py',
+                             f'--workdir={workdir}', '--config.sample.num_samples=100000'], cwd=REPO,
+                            env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, stdout=subprocess.DEVNULL, stderr=err)
+    sampling = _wait_for(lambda: 'sampled batch 2/' in log.read_text(), proc)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=300)
+  text = log.read_text()
+  assert sampling, text[-3000:]
+  assert proc.returncode == 130, text[-3000:]
+  assert 'Traceback' not in text, text[-3000:]
+  assert [line for line in text.splitlines() if line.startswith('ddpm_jax: error: ')] == [
+      'ddpm_jax: error: interrupted (Ctrl-C): stopped without saving; the checkpoints and files written before it '
+      'are kept (training resumes from its last checkpoint)'], text[-3000:]
+  assert checkpointing.available_steps(workdir) == [3]
 
 
 def _fixed_batch(config):
