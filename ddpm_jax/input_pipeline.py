@@ -60,7 +60,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import multiprocessing
 import os
+import signal
+import threading
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import grain.python as grain
@@ -376,10 +379,22 @@ class _GlobalBatchOrder:
 class _ToFloat(grain.MapTransform):
   """Batched uint8 images -> float32 in [-1, 1] (0 -> -1, 255 -> 1), done once per batch."""
 
+  def __reduce__(self):
+    return _to_float_in_this_process, ()
+
   def map(self, element):
     element = dict(element)
     element['image'] = element['image'].astype(np.float32) * np.float32(1 / 127.5) - np.float32(1)
     return element
+
+
+def _to_float_in_this_process() -> _ToFloat:
+  """`_ToFloat` unpickled, i.e. in a grain worker process (`data.num_workers > 0`), which leaves Ctrl-C to the main
+  process: a terminal sends SIGINT to the whole process group, and a worker killed by it would break the batches
+  the training loop still reads before it saves and exits (train.py)."""
+  if multiprocessing.parent_process() is not None and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+  return _ToFloat()
 
 
 # ------------------------------------------------------------------------------------------------ public API

@@ -152,6 +152,24 @@ def test_sigterm_or_a_first_ctrl_c_saves_and_exits_zero(tmp_path, signum):
   assert f'Step {steps[0]}: checkpoint saved' in text
 
 
+def test_ctrl_c_to_the_process_group_with_data_workers_saves_and_exits_zero(tmp_path):
+  # A terminal's Ctrl-C reaches the grain worker processes too: they must leave it to the training loop.
+  log = tmp_path / 'stderr.txt'
+  with open(log, 'w') as err:
+    proc = _run_main(str(tmp_path), '--config.training.num_steps=100000', '--config.training.log_every=1',
+                     '--config.training.checkpoint_every=50000', '--config.data.num_workers=2', devices=1,
+                     stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    training = _wait_for(lambda: re.search(r'Step \d+/100000 .*loss', log.read_text()) is not None, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=300)
+  text = log.read_text()
+  assert training, text[-3000:]
+  assert proc.returncode == 0, text[-3000:]
+  assert 'Traceback' not in text and 'KeyboardInterrupt' not in text, text[-3000:]
+  steps = checkpointing.available_steps(str(tmp_path))
+  assert len(steps) == 1 and f'Step {steps[0]}: checkpoint saved' in text, text[-3000:]
+
+
 def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(tmp_path):
   # While sampling (any moment but the training loop, where a first Ctrl-C saves): stop at once, no traceback.
   workdir = helpers.save_random_checkpoint(tmp_path, make_config(), step=3)
