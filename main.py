@@ -40,7 +40,6 @@ compilation_cache.define_flag()
 flags.mark_flags_as_required(['workdir'])
 
 PROGRAM = 'ddpm_jax'
-INTERRUPTED_EXIT = 128 + 2  # the shell's code for a program stopped by SIGINT
 
 
 def main(argv):
@@ -68,11 +67,10 @@ def main(argv):
 
 def entry() -> None:
   """`python main.py ...`: absl's app.run with one-line flag errors and a one-line Ctrl-C."""
-  try:
-    app.run(main, flags_parser=command_line.flags_parser(PROGRAM))
-  except KeyboardInterrupt:  # training saves on a first Ctrl-C (train.py); this is any other moment, or a second
-    command_line.fail(PROGRAM, 'interrupted (Ctrl-C): stopped without saving; the checkpoints and files written '
-                      'before it are kept (training resumes from its last checkpoint)', code=INTERRUPTED_EXIT)
+  # Training saves on a first Ctrl-C (train.py); this is any other moment, or a second one.
+  command_line.run_interruptible(PROGRAM, lambda: app.run(main, flags_parser=command_line.flags_parser(PROGRAM)),
+                                 ': stopped without saving; the checkpoints and files written before it are kept '
+                                 '(training resumes from its last checkpoint)')
 
 
 if __name__ == '__main__':

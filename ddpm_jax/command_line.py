@@ -2,19 +2,20 @@
 
 A mistyped flag, a config file that does not load, an override of a field the config lacks, a stray argument, or
 any `UserError` further on: `<program>: error: <one line>` on stderr and exit code 2, no traceback, before anything
-is built. Imports only absl and `errors`, so a wrong flag is reported before jax is even imported.
+is built; a Ctrl-C is one line and exit code 130 (`run_interruptible`). Imports only absl and `errors`, so a wrong flag is reported before jax is even imported.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Callable, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from absl import flags
 
 from ddpm_jax.errors import UserError
 
 USAGE_ERROR_EXIT = 2
+INTERRUPTED_EXIT = 128 + 2  # the shell's code for a program stopped by SIGINT (Ctrl-C)
 
 
 def error_line(program: str, message: object) -> str:
@@ -29,6 +30,15 @@ def report(program: str, message: object, code: int = USAGE_ERROR_EXIT) -> int:
 
 def fail(program: str, message: object, code: int = USAGE_ERROR_EXIT) -> NoReturn:
   sys.exit(report(program, message, code))
+
+
+def run_interruptible(program: str, command: Callable[[], Any], after: str = '') -> Any:
+  """`command()`, with a Ctrl-C (KeyboardInterrupt) as one line `<program>: error: interrupted (Ctrl-C)<after>` and
+  exit code 130 instead of a traceback."""
+  try:
+    return command()
+  except KeyboardInterrupt:
+    fail(program, f'interrupted (Ctrl-C){after}', code=INTERRUPTED_EXIT)
 
 
 def config_arg(argv: Sequence[str]) -> str:

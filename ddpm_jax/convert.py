@@ -525,7 +525,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def entry() -> None:
   """`python -m ddpm_jax.convert ...`: exits with `main`'s code."""
-  sys.exit(main())
+  sys.exit(command_line.run_interruptible(_PROGRAM, main))
 
 
 if __name__ == '__main__':

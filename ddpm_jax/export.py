@@ -332,7 +332,7 @@ def entry() -> None:
   # Orbax's notes about its read-only checkpoint manager are not for the person exporting (console.py).
   absl_logging.use_absl_handler()
   console.setup()
-  sys.exit(main())
+  sys.exit(command_line.run_interruptible(_PROGRAM, main))
 
 
 if __name__ == '__main__':

@@ -449,9 +449,9 @@ def main(argv: Sequence[str]) -> None:
 
 
 def entry() -> None:
-  """`python -m ddpm_jax.figures ...`: absl's app.run with one-line flag errors."""
+  """`python -m ddpm_jax.figures ...`: absl's app.run with one-line flag errors and a one-line Ctrl-C."""
   define_flags()
-  app.run(main, flags_parser=command_line.flags_parser(_PROGRAM))
+  command_line.run_interruptible(_PROGRAM, lambda: app.run(main, flags_parser=command_line.flags_parser(_PROGRAM)))
 
 
 if __name__ == '__main__':

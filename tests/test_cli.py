@@ -14,6 +14,7 @@ import pytest
 
 from configs import test as test_config
 from ddpm_jax import checkpointing
+from ddpm_jax import command_line
 from ddpm_jax import errors
 from ddpm_jax import run
 from ddpm_jax import workdir_config
@@ -72,6 +73,17 @@ def test_an_unprepared_dataset_is_the_only_line_printed(tmp_path):
   _assert_one_line_error(proc, "config.data.dataset='cifar10'", 'not prepared')
   assert proc.stderr.strip().count('\n') == 0, proc.stderr
   assert not (tmp_path / 'w').exists()
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_exit_130(capsys):
+  # main.py, figures, export and convert all run through this (main.py's own case: tests/test_train.py).
+  def interrupted():
+    raise KeyboardInterrupt
+  with pytest.raises(SystemExit) as exit_info:
+    command_line.run_interruptible('ddpm_jax.figures', interrupted)
+  assert exit_info.value.code == 130
+  assert capsys.readouterr().err == 'ddpm_jax.figures: error: interrupted (Ctrl-C)\n'
+  assert command_line.run_interruptible('ddpm_jax.export', lambda: 7) == 7
 
 
 def test_missing_workdir_flag_is_one_line():
