@@ -175,9 +175,8 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(tmp_path):
   workdir = helpers.save_random_checkpoint(tmp_path, make_config(), step=3)
   log = tmp_path / 'stderr.txt'
   with open(log, 'w') as err:
-    proc = subprocess.Popen([sys.executable, RUNNER, '--mode=sample', '--config=configs/test.py',
-                             f'--workdir={workdir}', '--config.sample.num_samples=100000'], cwd=REPO,
-                            env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, stdout=subprocess.DEVNULL, stderr=err)
+    proc = _run_main(workdir, '--mode=sample', '--config.sample.num_samples=100000', devices=1,
+                     stdout=subprocess.DEVNULL, stderr=err)
     sampling = _wait_for(lambda: 'sampled batch 2/' in log.read_text(), proc)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=300)
