@@ -2,7 +2,8 @@
 
 A mistyped flag, a config file that does not load, an override of a field the config lacks, a stray argument, or
 any `UserError` further on: `<program>: error: <one line>` on stderr and exit code 2, no traceback, before anything
-is built; a Ctrl-C is one line and exit code 130 (`run_interruptible`). Imports only absl and `errors`, so a wrong flag is reported before jax is even imported.
+is built; a Ctrl-C is one line and exit code 130 (`run_interruptible`). Imports only absl and `errors`, so a wrong
+flag is reported before jax is even imported.
 """
 
 from __future__ import annotations
