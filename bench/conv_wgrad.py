@@ -6,7 +6,8 @@ Times, for one NHWC 3x3 stride-1 'same' convolution of the U-Net's most common s
 128 -> 128 channels, 4.8 GFLOP per pass):
   * forward (`lax.conv_general_dilated`);
   * input gradient and weight gradient as JAX's autodiff emits them (two convolutions);
-  * the weight gradient as the U-Net computes it on this platform (`models/ops.py`: 9 GEMMs on the CPU);
+  * the weight gradient as 9 GEMMs (`models/ops.py` on a CPU without oneDNN);
+  * oneDNN's three passes (`models/onednn.py`: what the U-Net runs on the CPU), with their error against XLA's;
   * with --torch, the same three passes in PyTorch (oneDNN), at torch.set_num_threads(os.cpu_count()).
 Median of --steps calls after 2 warm-up calls, each blocking on its result. Set XLA_FLAGS to try XLA:CPU options
 (e.g. --xla_cpu_use_onednn=true). The LAST line of stdout is one JSON object.
@@ -41,9 +42,11 @@ def _median_ms(fn, steps: int) -> float:
 
 
 def time_jax(b: int, side: int, c_in: int, c_out: int, steps: int) -> dict[str, float]:
-  """ms per call of the forward, input gradient, autodiff weight gradient and the U-Net's (ops') weight gradient."""
+  """ms per call of XLA's forward, input gradient and autodiff weight gradient, the 9-GEMM weight gradient, and
+  oneDNN's three passes (`models/onednn.py`, where available)."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax import lax  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.models import onednn  # pylint: disable=g-import-not-at-top
   from ddpm_jax.models import ops  # pylint: disable=g-import-not-at-top
 
   kx, kw, kg = jax.random.split(jax.random.key(0), 3)
@@ -55,19 +58,24 @@ def time_jax(b: int, side: int, c_in: int, c_out: int, steps: int) -> dict[str, 
   def conv(x, w):
     return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
 
-  def ops_conv(x, w):
-    return ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
-                                    dimension_numbers=lax.conv_dimension_numbers(x.shape, w.shape, dn))
-
   fwd = jax.jit(conv)
   dgrad = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
   wgrad = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
-  wgrad_gemm = jax.jit(lambda x, w, g: jax.vjp(lambda w: ops_conv(x, w), w)[1](g)[0])
-  err = float(jax.numpy.linalg.norm(wgrad_gemm(x, w, g) - wgrad(x, w, g)) / jax.numpy.linalg.norm(wgrad(x, w, g)))
+  # What models/ops.py runs on a CPU without oneDNN: the weight gradient as 9 GEMMs.
+  wgrad_gemm = jax.jit(ops._conv3x3_weight_grad_gemms)  # pylint: disable=protected-access
+  rel_err = lambda a, b: float(jax.numpy.linalg.norm(a - b) / jax.numpy.linalg.norm(b))  # noqa: E731
   run = lambda f, *a: _median_ms(lambda: jax.block_until_ready(f(*a)), steps)  # noqa: E731
-  return {'forward_ms': run(fwd, x, w), 'input_grad_ms': run(dgrad, x, w, g),
-          'weight_grad_xla_ms': run(wgrad, x, w, g), 'weight_grad_gemm_ms': run(wgrad_gemm, x, w, g),
-          'gemm_vs_xla_rel_err': err}
+  res = {'forward_ms': run(fwd, x, w), 'input_grad_ms': run(dgrad, x, w, g),
+         'weight_grad_xla_ms': run(wgrad, x, w, g), 'weight_grad_gemm_ms': run(wgrad_gemm, x, w, g),
+         'gemm_vs_xla_rel_err': rel_err(wgrad_gemm(x, w, g), wgrad(x, w, g))}
+  if onednn.available():  # what models/ops.py runs on the CPU: oneDNN's three passes
+    passes = {'onednn_forward': (jax.jit(onednn.conv3x3), (x, w), fwd(x, w)),
+              'onednn_input_grad': (jax.jit(onednn.conv3x3_input_grad), (g, w), dgrad(x, w, g)),
+              'onednn_weight_grad': (jax.jit(onednn.conv3x3_weight_grad), (x, g), wgrad(x, w, g))}
+    for name, (fn, args, xla_value) in passes.items():
+      res[f'{name}_ms'] = run(fn, *args)
+      res[f'{name}_vs_xla_rel_err'] = rel_err(fn(*args), xla_value)
+  return res
 
 
 def time_torch(b: int, side: int, c_in: int, c_out: int, steps: int) -> dict[str, float]:

@@ -5,8 +5,9 @@
 Runs `train.Trainer(config).step` (the same program as bench/throughput.py) under `jax.profiler.trace`, then maps
 every op the XLA runtime executed (the trace's thunk events) back to its instruction in the compiled HLO and sums
 the wall time per category:
-  * conv: convolutions (on XLA:CPU the 3x3 forward and input-gradient convolutions, YNNPACK or Eigen kernels);
-  * GEMM: matrix products (attention, 1x1 projections, and the CPU's GEMM weight gradients of models/ops.py);
+  * conv: convolutions (on the CPU oneDNN's custom calls for the 3x3 ones, models/onednn.py, and XLA's for the
+    strided ones; without oneDNN XLA's YNNPACK or Eigen kernels for the forward and input gradient);
+  * GEMM: matrix products (attention, 1x1 projections; without oneDNN the GEMM weight gradients of models/ops.py);
   * elementwise: XLA's loop fusions and library elementwise kernels (GroupNorm, swish, Adam, EMA, losses);
   * layout: transposes, copies, pads, slices, concatenations (fusions whose root only moves data);
   * RNG: random-bit generation (dropout masks, noise, timesteps);
@@ -70,7 +71,7 @@ def categorize(line: str, bodies: dict[str, str]) -> str:
   text = body or line
   if 'threefry' in text or 'rng-bit-generator' in ops or '_bernoulli' in text or 'random_bits' in text:
     return 'RNG'
-  if 'convolution' in ops:
+  if 'convolution' in ops or 'custom_call_target="ddpm_conv3x3' in text:
     return 'conv'
   if 'dot' in ops:
     return 'GEMM'

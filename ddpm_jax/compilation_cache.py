@@ -27,6 +27,7 @@ from typing import Optional
 from absl import flags
 from absl import logging
 
+from ddpm_jax import cache_home
 from ddpm_jax.errors import UserError
 
 flags.disclaim_key_flags()  # `define_flag` defines the flag for the command that calls it: its --help lists it
@@ -122,13 +123,13 @@ def enable(directory: Optional[str]) -> Optional[str]:
   JAX decides whether to use the cache at the first compile of the process.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.evaluation import cache  # pylint: disable=g-import-not-at-top
   if directory is None or (directory == 'auto' and jax.config.jax_compilation_cache_dir):
     return jax.config.jax_compilation_cache_dir
   if not directory:
     jax.config.update('jax_compilation_cache_dir', None)
     return None
-  base = os.path.join(cache.cache_home(), 'jax_compilation') if directory == 'auto' else os.path.expanduser(directory)
+  base = (os.path.join(cache_home.cache_home(), 'jax_compilation') if directory == 'auto'
+          else os.path.expanduser(directory))
   path = os.path.join(base, machine_tag())
   try:
     os.makedirs(path, exist_ok=True)

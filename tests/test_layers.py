@@ -13,7 +13,7 @@ import ddpm_jax
 
 # Bottom to top, as docs/DESIGN.md draws them. A module may import modules of its own layer or a lower one.
 LAYERS = (
-    ('foundations', ('errors', 'atomic_write', 'console', 'images', 'random_streams', 'sharding', 'schedules',
+    ('foundations', ('errors', 'atomic_write', 'cache_home', 'console', 'images', 'random_streams', 'sharding', 'schedules',
                      'torch_checkpoint', 'tensorboard_writer', 'workdir_lock', 'default_config',
                      'command_line')),
     ('math', ('diffusion', 'likelihood', 'losses', 'samplers')),

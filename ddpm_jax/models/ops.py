@@ -1,21 +1,21 @@
-"""The U-Net's convolution and dense ops, each computing its weight gradient with the kernel its platform runs best.
+"""The U-Net's convolution and dense ops, each pass computed by the kernel its platform runs best.
 
-The forward pass and the input gradient are always XLA's own. Only the weight gradient differs, and it is chosen
-when the program is lowered (`lax.platform_dependent`), not when the model is built: one model, one parameter tree,
-serves CPU and accelerator hosts, and a program lowered for a GPU or TPU contains no trace of the CPU kernels.
+Each choice is made when the program is lowered (`lax.platform_dependent`), not when the model is built: one model,
+one parameter tree, serves CPU and accelerator hosts, and a program lowered for a GPU or TPU contains no trace of
+the CPU kernels.
 
-  * Accelerators (default): autodiff's weight gradient, which cuDNN / the TPU compiler run as their own
-    backward-filter kernels.
-  * CPU, 3x3 stride-1 'same' convolutions: XLA:CPU (jaxlib 0.10, YNNPACK) runs the forward and input-gradient
-    convolutions at 250-300 GFLOP/s on the benchmark VM, but autodiff's weight gradient (a convolution with an HxW
-    "kernel" and a 3x3 output) 4-5x slower (`bench/conv_wgrad.py`, BENCHMARKS.md). The weight gradient is a sum over
-    the 9 kernel offsets of plain GEMMs, dW[i, j] = sum_{b,h,w} x_pad[b, h+i, w+j, :]^T g[b, h, w, :]; run one after
-    another they take ~2.5x less time at 128 channels.
+  * Accelerators: XLA's convolutions and autodiff's gradients (cuDNN / the TPU compiler's own kernels).
+  * CPU, 3x3 stride-1 'same' float32 convolutions: oneDNN's forward, input-gradient and weight-gradient kernels
+    through XLA's FFI (`models/onednn.py`), 2-4x faster than XLA:CPU's at the U-Net's shapes. Where oneDNN is not
+    available, XLA's forward and input gradient, and the weight gradient as a sum over the 9 kernel offsets of
+    plain GEMMs, dW[i, j] = sum_{b,h,w} x_pad[b, h+i, w+j, :]^T g[b, h, w, :]: XLA:CPU (jaxlib 0.10, YNNPACK) runs
+    autodiff's weight gradient (a convolution with an HxW "kernel" and a 3x3 output) 4-5x slower than its forward
+    at 128 channels, and the 9 GEMMs one after another ~2.5x faster than that (`bench/conv_wgrad.py`, BENCHMARKS.md).
   * CPU, dense layers over the channel axis (the 1x1 shortcut and attention projections on (B, H, W, C)
     activations): the same x^T g as autodiff's, with g kept row-major (see `_dense_weight_grad_cpu`).
 
 `conv_general_dilated` is a drop-in for `flax.linen.Conv(conv_general_dilated=...)` and `dot_general` for
-`flax.linen.Dense(dot_general=...)`: same parameters, same forward, gradients equal up to float32 summation order.
+`flax.linen.Dense(dot_general=...)`: same parameters, same results up to float32 summation order.
 Any other convolution or contraction falls through to `lax` unchanged.
 """
 
@@ -24,6 +24,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from ddpm_jax.models import onednn
 
 _NHWC_HWIO = ('NHWC', 'HWIO', 'NHWC')
 
@@ -37,7 +39,7 @@ def _conv3x3_weight_grad_autodiff(x: jax.Array, w: jax.Array, g: jax.Array) -> j
   return dw
 
 
-def _conv3x3_weight_grad_cpu(x: jax.Array, w: jax.Array, g: jax.Array) -> jax.Array:
+def _conv3x3_weight_grad_gemms(x: jax.Array, w: jax.Array, g: jax.Array) -> jax.Array:
   # 9 GEMMs (C_out x BHW) @ (BHW x C_in) over the shifted, padded input, one per loop iteration: XLA:CPU runs
   # independent ops concurrently, and 9 unrolled GEMMs that each use every core then compete for the cores and
   # caches (1.5x slower at 128 channels, bench/conv_wgrad.py); a loop body runs them one after another.
@@ -54,18 +56,43 @@ def _conv3x3_weight_grad_cpu(x: jax.Array, w: jax.Array, g: jax.Array) -> jax.Ar
   return dw.swapaxes(1, 2).reshape(3, 3, c_in, c_out).astype(w.dtype)
 
 
+def _conv3x3_input_grad_xla(g: jax.Array, w: jax.Array) -> jax.Array:
+  # A forward convolution with the flipped kernel.
+  return jax.vjp(lambda x: _conv3x3(x, w), jnp.zeros(g.shape[:3] + (w.shape[2],), g.dtype))[1](g)[0]
+
+
+def _use_onednn(*arrays: jax.Array) -> bool:
+  return all(a.dtype == jnp.float32 for a in arrays) and onednn.available()
+
+
+def _conv3x3_cpu(x: jax.Array, w: jax.Array) -> jax.Array:
+  return onednn.conv3x3(x, w) if _use_onednn(x, w) else _conv3x3(x, w)
+
+
+def _conv3x3_input_grad_cpu(g: jax.Array, w: jax.Array) -> jax.Array:
+  return onednn.conv3x3_input_grad(g, w) if _use_onednn(g, w) else _conv3x3_input_grad_xla(g, w)
+
+
+def _conv3x3_weight_grad_cpu(x: jax.Array, w: jax.Array, g: jax.Array) -> jax.Array:
+  return onednn.conv3x3_weight_grad(x, g) if _use_onednn(x, w, g) else _conv3x3_weight_grad_gemms(x, w, g)
+
+
+def _conv3x3_platform(x: jax.Array, w: jax.Array) -> jax.Array:
+  return lax.platform_dependent(x, w, cpu=_conv3x3_cpu, default=_conv3x3)
+
+
 @jax.custom_vjp
 def _conv3x3_same(x: jax.Array, w: jax.Array) -> jax.Array:
-  return _conv3x3(x, w)
+  return _conv3x3_platform(x, w)
 
 
 def _conv3x3_same_fwd(x, w):
-  return _conv3x3(x, w), (x, w)
+  return _conv3x3_platform(x, w), (x, w)
 
 
 def _conv3x3_same_bwd(residuals, g):
   x, w = residuals
-  dx, = jax.vjp(lambda x: _conv3x3(x, w), x)[1](g)  # a forward convolution with the flipped kernel: fast everywhere
+  dx = lax.platform_dependent(g, w, cpu=_conv3x3_input_grad_cpu, default=_conv3x3_input_grad_xla)
   dw = lax.platform_dependent(x, w, g, cpu=_conv3x3_weight_grad_cpu, default=_conv3x3_weight_grad_autodiff)
   return dx, dw
 
