@@ -33,7 +33,7 @@ def _inputs(shape, seed=0):
 
 
 def test_the_kernels_build_and_load_here():
-  # requirements.txt installs oneDNN on Linux x86-64, where CI runs: without it the CPU trains ~1.45x slower.
+  # requirements.txt installs oneDNN on Linux x86-64, where CI runs: without it the CPU trains 1.4-1.5x slower.
   assert onednn.available()
 
 

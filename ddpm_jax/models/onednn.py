@@ -2,7 +2,7 @@
 
 At the quickstart's shapes (batch 16, 7x7 to 28x28, 32-128 channels) XLA:CPU's own kernels run a convolution's
 forward, input-gradient and weight-gradient passes 2-4x slower than oneDNN's; with oneDNN the whole quickstart train
-step is ~1.45x faster (BENCHMARKS.md "oneDNN convolutions"). `conv3x3_onednn.cc` wraps the three oneDNN primitives
+step is 1.4-1.5x faster (BENCHMARKS.md "oneDNN convolutions"). `conv3x3_onednn.cc` wraps the three oneDNN primitives
 as XLA FFI handlers; `available()` compiles it once per machine with g++ (against jaxlib's FFI headers and the
 `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels of requirements.txt) into `<cache home>/kernels/`, loads it and
 registers the handlers. `models/ops.py` calls them only in programs lowered for the CPU.
