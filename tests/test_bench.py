@@ -1,5 +1,6 @@
-"""Smoke test of the benchmark scripts (bench/throughput.py, peer_torch.py, sample.py, profile_step.py): each runs on
-configs/test.py with --steps=1 and prints one JSON object as its last line with the documented keys and sane values."""
+"""Smoke test of the benchmark scripts (bench/throughput.py, peer_torch.py, sample.py, profile_step.py,
+cpu_kernels.py): each runs on configs/test.py with one timed call and prints one JSON object as its last line with
+the documented keys and sane values."""
 
 import json
 import os
@@ -18,6 +19,7 @@ COMMANDS = {
     'peer_torch': ['bench/peer_torch.py'] + COMMON + ['--batch_size=4'],
     'sample': ['bench/sample.py'] + COMMON + ['--batch_size=4', '--num_steps_override=2', '--ddim_steps=4'],
     'profile': ['bench/profile_step.py', '--config=configs/test.py', '--steps=1', '--batch_size=4', '--top=5'],
+    'cpu_kernels': ['bench/cpu_kernels.py', '--config=configs/test.py', '--batch_size=4', '--rounds=1', '--calls=1'],
 }
 THROUGHPUT_KEYS = ('train_img_per_s', 'fwd_img_per_s', 'train_steps_per_s', 'compile_s', 'flops_per_train_step',
                    'mfu', 'device')
@@ -54,6 +56,14 @@ def test_throughput_json(results):
   assert 2 * res['flops_per_forward'] < res['flops_per_train_step'] < 5 * res['flops_per_forward']
   assert res['num_params'] == _test_config_param_count()
   assert res['mfu'] is None and res['device'].startswith('cpu')  # no known peak for a CPU
+
+
+def test_cpu_kernels_json(results):
+  res = results['cpu_kernels']
+  for name in ('xla', 'onednn'):
+    assert res[f'{name}_img_per_s'] == pytest.approx(res['batch_size'] / res[f'{name}_step_s'])
+    assert len(res[f'{name}_rounds_s']) == 1
+  assert res['onednn_speedup'] == pytest.approx(res['xla_step_s'] / res['onednn_step_s'])
 
 
 def test_peer_json(results):

@@ -123,3 +123,9 @@ def test_built_once_into_the_cache_and_xlas_kernels_without_a_compiler(tmp_path)
   assert len(built) == 1 and built[0].suffix == '.so'
   ok, log = _probe(tmp_path / 'cache', no_compiler)  # the next process loads the built library: no g++ needed
   assert ok and "XLA's kernels" not in log
+  built[0].write_bytes(b'not a shared library')  # damaged after it was written
+  ok, log = _probe(tmp_path / 'cache', os.environ['PATH'])
+  assert ok and 'could not be loaded' in log
+  kept = sorted(p.name for p in built[0].parent.iterdir())
+  assert kept[0] == built[0].name and kept[1].startswith(built[0].name + '.unloadable-') and len(kept) == 2
+  assert (built[0].parent / kept[1]).read_bytes() == b'not a shared library'  # set aside, not deleted

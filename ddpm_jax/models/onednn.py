@@ -5,7 +5,8 @@ forward, input-gradient and weight-gradient passes 2-4x slower than oneDNN's; wi
 step is 1.4-1.5x faster (BENCHMARKS.md "oneDNN convolutions"). `conv3x3_onednn.cc` wraps the three oneDNN primitives
 as XLA FFI handlers; `available()` compiles it once per machine with g++ (against jaxlib's FFI headers and the
 `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels of requirements.txt) into `<cache home>/kernels/`, loads it and
-registers the handlers. `models/ops.py` calls them only in programs lowered for the CPU.
+registers the handlers (a cached library that no longer loads is moved aside, `<name>.unloadable-<time>`, and
+built again). `models/ops.py` calls them only in programs lowered for the CPU.
 
 Where anything is missing (not Linux x86-64, no g++, the oneDNN wheels not installed, a failed build)
 `available()` is False, the log says why (once), and the CPU keeps XLA's kernels: the same results up to float32
@@ -22,6 +23,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from typing import Optional
 
 from absl import logging
@@ -51,6 +53,20 @@ def _compile(lib_dir: str, include_dir: str, out: str) -> None:
                  check=True, capture_output=True, text=True, timeout=600)
 
 
+def _build_and_load(path: str, lib_dir: str, include_dir: str) -> ctypes.CDLL:
+  if os.path.exists(path):
+    try:
+      return ctypes.cdll.LoadLibrary(path)
+    except OSError as e:
+      # Damaged after it was written (a full disk, a copied cache): set aside for a look, never deleted, and rebuilt.
+      aside = f'{path}.unloadable-{time.strftime("%Y%m%d-%H%M%S")}'
+      os.replace(path, aside)
+      logging.warning('%s could not be loaded (%s): moved to %s and built again', path, e, aside)
+  # Written under a temporary name and renamed: a killed build leaves no truncated library under the real name.
+  atomic_write.atomic_write(path, lambda tmp: _compile(lib_dir, include_dir, tmp))
+  return ctypes.cdll.LoadLibrary(path)
+
+
 def _load() -> Optional[str]:
   """Builds (once per machine), loads and registers the handlers; returns why not, or None when they are ready."""
   if sys.platform != 'linux' or platform.machine() != 'x86_64':
@@ -62,10 +78,7 @@ def _load() -> Optional[str]:
     return f'the onednn-cpu-gomp and onednn-devel-cpu-gomp wheels are not installed in {sys.prefix}'
   path = _library_path(lib_dir)
   try:
-    if not os.path.exists(path):
-      # Written under a temporary name and renamed: a killed build leaves no truncated library under the real name.
-      atomic_write.atomic_write(path, lambda tmp: _compile(lib_dir, include_dir, tmp))
-    library = ctypes.cdll.LoadLibrary(path)
+    library = _build_and_load(path, lib_dir, include_dir)
   except FileNotFoundError:
     return 'no g++ to build the kernels with'
   except subprocess.CalledProcessError as e:
