@@ -129,3 +129,10 @@ def test_built_once_into_the_cache_and_xlas_kernels_without_a_compiler(tmp_path)
   kept = sorted(p.name for p in built[0].parent.iterdir())
   assert kept[0] == built[0].name and kept[1].startswith(built[0].name + '.unloadable-') and len(kept) == 2
   assert (built[0].parent / kept[1]).read_bytes() == b'not a shared library'  # set aside, not deleted
+
+
+def test_a_handler_called_with_shapes_that_do_not_fit_fails_instead_of_overrunning_a_buffer():
+  x, w, _ = _inputs((2, 8, 8, 5, 7))
+  wrong = jax.ffi.ffi_call('ddpm_conv3x3_forward', jax.ShapeDtypeStruct((2, 8, 8, 9), x.dtype))  # 9, not 7
+  with pytest.raises(Exception, match="shapes do not fit one 3x3 stride-1 'same' convolution"):
+    jax.block_until_ready(jax.jit(wrong)(x, w))

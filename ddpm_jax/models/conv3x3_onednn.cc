@@ -83,9 +83,15 @@ const Conv& GetConv(Pass pass, int64_t n, int64_t h, int64_t w, int64_t c_in, in
   return *cache.emplace(key, std::move(conv)).first->second;
 }
 
-ffi::Error CheckShapes(ffi::Span<const int64_t> act, ffi::Span<const int64_t> weights) {
-  if (act.size() != 4 || weights.size() != 4 || weights[0] != 3 || weights[1] != 3) {
-    return ffi::Error::InvalidArgument("conv3x3_onednn: expected NHWC activations and 3x3 HWIO weights");
+// `in` and `out`: NHWC activations of one convolution with HWIO 3x3 `weights` (stride 1, 'same'), `in` having
+// c_in channels and `out` c_out (or the other way round for the input gradient). Nothing is read or written
+// through a buffer of another shape.
+ffi::Error CheckShapes(ffi::Span<const int64_t> in, ffi::Span<const int64_t> out, ffi::Span<const int64_t> weights,
+                       int64_t in_channels_axis, int64_t out_channels_axis) {
+  if (in.size() != 4 || out.size() != 4 || weights.size() != 4 || weights[0] != 3 || weights[1] != 3 ||
+      in[0] != out[0] || in[1] != out[1] || in[2] != out[2] || in[3] != weights[in_channels_axis] ||
+      out[3] != weights[out_channels_axis]) {
+    return ffi::Error::InvalidArgument("conv3x3_onednn: shapes do not fit one 3x3 stride-1 'same' convolution");
   }
   return ffi::Error::Success();
 }
@@ -94,7 +100,11 @@ ffi::Error CheckShapes(ffi::Span<const int64_t> act, ffi::Span<const int64_t> we
 ffi::Error Apply(Pass pass, ffi::Buffer<ffi::F32> act_in, ffi::Buffer<ffi::F32> weights,
                  ffi::ResultBuffer<ffi::F32> act_out) {
   auto in_dims = act_in.dimensions(), w_dims = weights.dimensions();
-  if (auto error = CheckShapes(in_dims, w_dims); error.failure()) return error;
+  const bool forward = pass == kForward;
+  if (auto error = CheckShapes(in_dims, act_out->dimensions(), w_dims, forward ? 2 : 3, forward ? 3 : 2);
+      error.failure()) {
+    return error;
+  }
   std::lock_guard<std::mutex> lock(mutex);
   const Conv& conv = GetConv(pass, in_dims[0], in_dims[1], in_dims[2], w_dims[2], w_dims[3]);
   auto& engine = Engine();
@@ -126,7 +136,7 @@ ffi::Error InputGrad(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w, ffi::Resu
 
 ffi::Error WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw) {
   auto x_dims = x.dimensions(), dw_dims = dw->dimensions();
-  if (auto error = CheckShapes(x_dims, dw_dims); error.failure()) return error;
+  if (auto error = CheckShapes(x_dims, g.dimensions(), dw_dims, 2, 3); error.failure()) return error;
   std::lock_guard<std::mutex> lock(mutex);
   const Conv& conv = GetConv(kWeightGrad, x_dims[0], x_dims[1], x_dims[2], dw_dims[2], dw_dims[3]);
   auto& engine = Engine();
